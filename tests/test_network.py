@@ -81,7 +81,9 @@ def test_lora_mode_trains_only_adapters_and_heads() -> None:
 
 def test_heads_mode_freezes_the_backbone_and_full_mode_trains_everything() -> None:
     heads = SemanticCLIP(TINY, tuning="heads")
-    assert not any(p.requires_grad for n, p in heads.named_parameters() if n.startswith("clip.") and "logit" not in n)
+    assert not any(
+        p.requires_grad for n, p in heads.named_parameters() if n.startswith("clip.") and "logit" not in n
+    )
     full = SemanticCLIP(TINY, tuning="full")
     assert all(p.requires_grad for p in full.parameters())
     assert not has_lora(full)
@@ -163,7 +165,9 @@ def test_loss_matches_a_hand_computation() -> None:
 
     def ce(logits: torch.Tensor, targets: list[int]) -> float:
         rows = logits.tolist()
-        return sum(math.log(sum(math.exp(v) for v in r)) - r[t] for r, t in zip(rows, targets, strict=True)) / len(rows)
+        return sum(
+            math.log(sum(math.exp(v) for v in r)) - r[t] for r, t in zip(rows, targets, strict=True)
+        ) / len(rows)
 
     similarity = 2.0 * image @ text.t()
     expected = (smoothed_ce(similarity) + smoothed_ce(similarity.t())) / 2

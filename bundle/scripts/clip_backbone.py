@@ -33,6 +33,8 @@ MODEL_CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "clip"
 """Bundle-local open_clip architecture configs (e.g. the tiny test/demo model)."""
 
 ENCODERS = ("vision", "text", "both")
+RANDOM_WEIGHTS = ("", "none", "null", "random")
+"""``pretrained`` spellings meaning random initialisation (``None`` cannot be given on the command line)."""
 
 
 def register_model_configs(config_dir: str | Path = MODEL_CONFIG_DIR) -> None:
@@ -60,7 +62,9 @@ def _tag_is_cached(cfg: dict) -> bool:
         from huggingface_hub import try_to_load_from_cache
 
         repo_id, filename = os.path.split(cfg["hf_hub"])
-        candidates = [filename] if filename else ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"]
+        candidates = (
+            [filename] if filename else ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"]
+        )
         return any(isinstance(try_to_load_from_cache(repo_id, f), str) for f in candidates)
     if cfg.get("url"):
         return (Path.home() / ".cache" / "clip" / os.path.basename(cfg["url"])).is_file()
@@ -94,8 +98,8 @@ def create_clip(
 
     Args:
         model_name: an open_clip architecture (``ViT-B-32``) or one of the bundle's JSON configs.
-        pretrained: ``None``/``""`` for random weights, a local checkpoint file, or an open_clip tag
-            such as ``openai`` (needs the hub unless cached; fails fast offline).
+        pretrained: ``None``, ``""`` or ``"none"`` for random weights, a local checkpoint file, or an
+            open_clip tag such as ``openai`` (needs the hub unless cached; fails fast offline).
         model_config_dir: extra folder of open_clip JSON architecture configs (default: the bundle's).
 
     Returns:
@@ -107,8 +111,15 @@ def create_clip(
             f"unknown CLIP architecture '{model_name}'; use one of open_clip.list_models() or add a JSON "
             f"config to {model_config_dir or MODEL_CONFIG_DIR}"
         )
+    if pretrained is not None and pretrained.strip().lower() in RANDOM_WEIGHTS:
+        pretrained = None
     if pretrained:
-        looks_like_path = os.sep in pretrained or Path(pretrained).suffix in {".pt", ".bin", ".safetensors", ".pth"}
+        looks_like_path = os.sep in pretrained or Path(pretrained).suffix in {
+            ".pt",
+            ".bin",
+            ".safetensors",
+            ".pth",
+        }
         if looks_like_path or Path(pretrained).exists():
             if not Path(pretrained).is_file():
                 raise UserInputError(f"pretrained checkpoint file not found: {pretrained}")
@@ -248,13 +259,17 @@ class LoRASettings:
         """Full module names of the projections to adapt."""
         unknown = set(self.matrices) - {"q", "k", "v"}
         if unknown or not self.matrices:
-            raise ValueError(f"LoRA matrices must be a non-empty subset of q, k, v; got {list(self.matrices)}")
+            raise ValueError(
+                f"LoRA matrices must be a non-empty subset of q, k, v; got {list(self.matrices)}"
+            )
         names = []
         for prefix, index, _ in _attention_blocks(clip, self.encoder):
             if self.blocks is None or index in self.blocks:
                 names += [f"{prefix}.resblocks.{index}.attn.{m}_proj" for m in self.matrices]
         if not names:
-            raise ValueError(f"LoRA blocks {list(self.blocks or [])} select no block of the {self.encoder} tower(s)")
+            raise ValueError(
+                f"LoRA blocks {list(self.blocks or [])} select no block of the {self.encoder} tower(s)"
+            )
         return names
 
 
@@ -292,7 +307,9 @@ def has_lora(module: nn.Module) -> bool:
     return any(isinstance(m, LoraLayer) for m in module.modules())
 
 
-def create_tokenizer(model_name: str, model_config_dir: str | Path | None = None) -> open_clip.tokenizer.SimpleTokenizer:
+def create_tokenizer(
+    model_name: str, model_config_dir: str | Path | None = None
+) -> open_clip.tokenizer.SimpleTokenizer:
     """The open_clip tokenizer of ``model_name`` (bundle configs registered first; no download)."""
     register_model_configs(model_config_dir or MODEL_CONFIG_DIR)
     return open_clip.get_tokenizer(model_name)

@@ -126,7 +126,9 @@ class SemanticCLIP(nn.Module):
         self.classifier_text = nn.Linear(embed_dim, 2)
 
         if tuning == "lora":
-            settings = LoRASettings(lora_rank, lora_alpha, lora_dropout, lora_encoder, lora_blocks, lora_matrices)
+            settings = LoRASettings(
+                lora_rank, lora_alpha, lora_dropout, lora_encoder, lora_blocks, lora_matrices
+            )
             add_lora(self.clip, settings)
         if tuning == "heads":
             self.clip.requires_grad_(False)
@@ -234,7 +236,9 @@ class SemanticCLIPLoss(nn.Module):
         labels = labels.long().view(-1)
         image_ce = F.cross_entropy(outputs["image_logits"], labels)
         text_ce = F.cross_entropy(outputs["text_logits"], labels)
-        total = self.clip_weight * contrastive + (self.image_weight * image_ce + self.text_weight * text_ce) / 2
+        total = (
+            self.clip_weight * contrastive + (self.image_weight * image_ce + self.text_weight * text_ce) / 2
+        )
         return {"contrastive": contrastive, "image_ce": image_ce, "text_ce": text_ce, "total": total}
 
     def forward(self, outputs: dict[str, torch.Tensor], targets: torch.Tensor | dict) -> torch.Tensor:

@@ -1,0 +1,137 @@
+"""Export a trained network as one self-contained TorchScript predictor (``models/model.ts``).
+
+LoRA is merged, attention fused back to open_clip's modules, the text tower dropped and the prompt
+embeddings baked in as a buffer: the deploy app needs neither a tokenizer nor training code.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from scripts.clip_backbone import create_tokenizer
+from scripts.network import SemanticCLIP
+from scripts.zero_shot import PromptLayout, embed_prompts, zero_shot_probabilities
+
+logger = logging.getLogger(__name__)
+
+LAYOUT_FILE = "semantic_outputs.json"
+"""Extra file inside model.ts: the (feature, value) of every column of the ``semantic`` output."""
+
+PLANES_SHAPE = (9, 3, 224, 224)
+
+
+class SemanticCLIPPredictor(nn.Module):
+    """Image-only inference: planes ``(N, 9, 3, 224, 224)`` -> dict of tensors.
+
+    Outputs ``malignancy`` (N,) probability of the image head, ``semantic`` (N, V) zero-shot value
+    probabilities (see :class:`scripts.zero_shot.PromptLayout`), ``embedding`` (N, D) and
+    ``attention`` (N, 9) MIL weights.
+
+    Args:
+        network: a trained :class:`SemanticCLIP`; it is copied, not changed.
+        layout: which semantic features to predict.
+    """
+
+    def __init__(self, network: SemanticCLIP, layout: PromptLayout | None = None) -> None:
+        super().__init__()
+        layout = layout or PromptLayout()
+        network = copy.deepcopy(network).cpu().eval()
+        network.merge_adapters()
+        tokenizer = create_tokenizer(network.model_name)
+        self.register_buffer("prompt_embedding", embed_prompts(network.encode_reports, tokenizer, layout))
+        self.register_buffer("logit_scale", network.logit_scale.detach().clone())
+        self.group_sizes = layout.group_sizes
+        # Only the image branch is needed at inference.
+        network.clip.transformer = None
+        network.clip.token_embedding = None
+        network.semantic_projection = None
+        network.classifier_text = None
+        self.network = network
+
+    def forward(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
+        embedding, attention = self.network.encode_planes(image)
+        logits = self.network.classifier_image(embedding)
+        return {
+            "malignancy": torch.softmax(logits, dim=-1)[:, 1],
+            "semantic": zero_shot_probabilities(
+                embedding, self.prompt_embedding, self.group_sizes, self.logit_scale
+            ),
+            "embedding": embedding,
+            "attention": attention,
+        }
+
+
+def export_torchscript(
+    network: SemanticCLIP,
+    output_path: str | Path,
+    checkpoint: str | Path | None = None,
+    layout: PromptLayout | None = None,
+    extra_metadata: dict | None = None,
+) -> Path:
+    """Trace the predictor of ``network`` (optionally loading ``checkpoint`` first) to ``output_path``.
+
+    The file is written under a temporary name and renamed, so a failed export leaves nothing behind.
+
+    Args:
+        network: the network as configured for training.
+        output_path: where to write ``model.ts``.
+        checkpoint: a state dict file saved by training (a dict holding ``network`` or the state dict).
+        layout: semantic features to bake in (default: all 17).
+        extra_metadata: stored beside the layout in the TorchScript extra files (e.g. bundle version).
+
+    Returns:
+        the written path.
+    """
+    layout = layout or PromptLayout()
+    predictor = build_predictor(network, checkpoint, layout)
+    example = torch.zeros(2, *PLANES_SHAPE)
+    with torch.no_grad():
+        traced = torch.jit.trace(predictor, example, strict=False, check_trace=False)
+    extra = {
+        LAYOUT_FILE: json.dumps({"columns": layout.columns, "group_sizes": layout.group_sizes}),
+        "metadata.json": json.dumps(extra_metadata or {}),
+    }
+    output_path = Path(output_path)
+    output_path.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp_name = tempfile.mkstemp(dir=output_path.parent, suffix=".tmp")
+    os.close(handle)
+    try:
+        torch.jit.save(traced, tmp_name, _extra_files=extra)
+        os.replace(tmp_name, output_path)
+    finally:
+        Path(tmp_name).unlink(missing_ok=True)
+    logger.info("exported %s", output_path)
+    return output_path
+
+
+def load_checkpoint(network: nn.Module, checkpoint: str | Path) -> None:
+    """Load a training checkpoint strictly (``{"network": state_dict}`` or a bare state dict)."""
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    state = state.get("network", state)
+    network.load_state_dict(state, strict=True)
+
+
+def load_predictor(
+    path: str | Path, device: torch.device | str = "cpu"
+) -> tuple[torch.jit.ScriptModule, dict]:
+    """Load an exported predictor and its semantic output layout."""
+    extra = {LAYOUT_FILE: "", "metadata.json": ""}
+    module = torch.jit.load(str(path), map_location=device, _extra_files=extra)
+    return module.eval(), json.loads(extra[LAYOUT_FILE])
+
+
+def build_predictor(
+    network: SemanticCLIP, checkpoint: str | Path | None = None, layout: PromptLayout | None = None
+) -> SemanticCLIPPredictor:
+    """The eval-mode (CPU) predictor of ``network``, after loading ``checkpoint`` when given."""
+    if checkpoint is not None:
+        load_checkpoint(network, checkpoint)
+    return SemanticCLIPPredictor(network, layout).eval()
