@@ -142,3 +142,48 @@ def test_configs_only_wire_components() -> None:
         text = json.dumps(json.loads(path.read_text()))
         assert "lambda" not in text, path.name
     assert (REPO_ROOT / "bundle" / "scripts").is_dir()
+
+
+def _break_csv(csv_path: Path, target: Path, mistake: str) -> Path:
+    frame = pd.read_csv(csv_path, dtype=str)
+    frame["image_path"] = [str(csv_path.parent / p) for p in frame.image_path]
+    if mistake == "unknown value":
+        frame.loc[1, "nodule_margins"] = "Smoothish"
+    elif mistake == "seed outside":
+        frame.loc[0, "coordZ"] = "950.0"
+    elif mistake == "missing image":
+        frame.loc[0, "image_path"] = str(target.parent / "no_such_scan.nii.gz")
+    elif mistake == "missing column":
+        frame = frame.drop(columns=["coordY"])
+    elif mistake == "empty":
+        frame = frame.iloc[:0]
+    frame.to_csv(target, index=False)
+    return target
+
+
+@pytest.mark.parametrize(
+    ("mistake", "message"),
+    [
+        ("unknown value", "line 3: column 'nodule_margins' has unknown value 'Smoothish'; allowed: Smooth"),
+        ("seed outside", "lies outside the scan"),
+        ("missing image", "no_such_scan.nii.gz"),
+        ("missing column", "coordY"),
+        ("empty", "no rows"),
+    ],
+)
+def test_training_on_bad_input_prints_one_clear_error(
+    trained: dict, tmp_path: Path, mistake: str, message: str
+) -> None:
+    bad_csv = _break_csv(trained["csv"], tmp_path / "cohort.csv", mistake)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(BUNDLE_ROOT)}
+    command = [
+        sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/train.json",
+        "--meta_file", "configs/metadata.json", "--bundle_root", str(tmp_path / "run"),
+        "--dataset_csv", str(bad_csv), "--split_dir", str(trained["csv"].parent / "splits"),
+        "--pretrained", "none", "--epochs", "1", *TINY,
+    ]  # fmt: skip
+    result = subprocess.run(command, cwd=BUNDLE_ROOT, env=env, capture_output=True, text=True)
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr + result.stdout
+    assert message in result.stderr
+    assert not list((tmp_path / "run").glob("models/*.pt")), "a checkpoint was written from bad input"

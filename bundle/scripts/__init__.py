@@ -1,5 +1,11 @@
 """Typed building blocks of the ``lung_nodule_ct_semantic_clip`` bundle.
 
 Configs reference these as ``scripts.<module>.<Name>``; the bundle root must be on ``sys.path``
-(``monai.bundle`` does this when run from the bundle folder; ``scripts.bundle_path`` helps others).
+(``monai.bundle`` puts it there when run from the bundle folder; ``training.bundle_path`` helps others).
+Importing the package makes an uncaught :class:`scripts.errors.UserInputError` print one line instead
+of a traceback, so a mistake in a CSV or path reads as such under ``python -m monai.bundle run``.
 """
+
+from scripts.errors import install_excepthook
+
+install_excepthook()
