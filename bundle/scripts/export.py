@@ -6,11 +6,14 @@ embeddings baked in as a buffer: the deploy app needs neither a tokenizer nor tr
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
 import os
 import tempfile
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -26,6 +29,14 @@ LAYOUT_FILE = "semantic_outputs.json"
 """Extra file inside model.ts: the (feature, value) of every column of the ``semantic`` output."""
 
 PLANES_SHAPE = (9, 3, 224, 224)
+
+
+@contextlib.contextmanager
+def _torchscript_without_deprecation_noise() -> Iterator[None]:
+    # torch 2.14 marks torch.jit deprecated; TorchScript is still what MONAI Deploy loads, on purpose.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`torch\.jit\.\w+` is deprecated", category=FutureWarning)
+        yield
 
 
 class SemanticCLIPPredictor(nn.Module):
@@ -93,7 +104,7 @@ def export_torchscript(
     layout = layout or PromptLayout()
     predictor = build_predictor(network, checkpoint, layout)
     example = torch.zeros(2, *PLANES_SHAPE)
-    with torch.no_grad():
+    with torch.no_grad(), _torchscript_without_deprecation_noise():
         traced = torch.jit.trace(predictor, example, strict=False, check_trace=False)
     extra = {
         LAYOUT_FILE: json.dumps({"columns": layout.columns, "group_sizes": layout.group_sizes}),
@@ -104,7 +115,8 @@ def export_torchscript(
     handle, tmp_name = tempfile.mkstemp(dir=output_path.parent, suffix=".tmp")
     os.close(handle)
     try:
-        torch.jit.save(traced, tmp_name, _extra_files=extra)
+        with _torchscript_without_deprecation_noise():
+            torch.jit.save(traced, tmp_name, _extra_files=extra)
         os.replace(tmp_name, output_path)
     finally:
         Path(tmp_name).unlink(missing_ok=True)
@@ -124,7 +136,8 @@ def load_predictor(
 ) -> tuple[torch.jit.ScriptModule, dict]:
     """Load an exported predictor and its semantic output layout."""
     extra = {LAYOUT_FILE: "", "metadata.json": ""}
-    module = torch.jit.load(str(path), map_location=device, _extra_files=extra)
+    with _torchscript_without_deprecation_noise():
+        module = torch.jit.load(str(path), map_location=device, _extra_files=extra)
     return module.eval(), json.loads(extra[LAYOUT_FILE])
 
 
