@@ -15,8 +15,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-from conftest import BUNDLE_ROOT, REPO_ROOT
 
+from conftest import BUNDLE_ROOT, REPO_ROOT
 from scripts.export import build_predictor, load_predictor
 from scripts.network import SemanticCLIP
 from scripts.zero_shot import PromptLayout
