@@ -102,6 +102,7 @@ def test_export_equals_eager_predictor(trained: dict) -> None:
     network = SemanticCLIP("lnsc-tiny-vit")
     eager = build_predictor(network, trained["root"] / "models" / "best_auroc.pt")
     for batch in (1, 3):
+        assert not exported(torch.zeros(batch, 9, 3, 224, 224))["malignancy"].requires_grad
         planes = torch.randn(batch, 9, 3, 224, 224, generator=torch.Generator().manual_seed(batch))
         with torch.no_grad():
             expected, actual = eager(planes), exported(planes)

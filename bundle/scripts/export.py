@@ -66,6 +66,7 @@ class SemanticCLIPPredictor(nn.Module):
         network.semantic_projection = None
         network.classifier_text = None
         self.network = network
+        self.requires_grad_(False)  # inference only: outputs carry no autograd graph
 
     def forward(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
         embedding, attention = self.network.encode_planes(image)
