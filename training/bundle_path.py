@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import sys
 from pathlib import Path
 
@@ -14,3 +15,17 @@ def use_bundle(bundle_root: str | Path = BUNDLE_ROOT) -> Path:
     if str(root) not in sys.path:
         sys.path.insert(0, str(root))
     return root
+
+
+def copy_bundle(destination: str | Path, bundle_root: str | Path = BUNDLE_ROOT) -> Path:
+    """Copy the bundle's code, configs and docs (not its models or caches) into a new ``destination``.
+
+    The copy is the skeleton of a deployable bundle: tools then add ``models/...`` to it.
+    """
+    destination = Path(destination)
+    shutil.copytree(
+        Path(bundle_root),
+        destination,
+        ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "models", "eval", "logs", ".*"),
+    )
+    return destination

@@ -28,6 +28,9 @@ logger = logging.getLogger(__name__)
 LAYOUT_FILE = "semantic_outputs.json"
 """Extra file inside model.ts: the (feature, value) of every column of the ``semantic`` output."""
 
+METADATA_FILE = "metadata.json"
+"""Extra file inside model.ts: ``extra_metadata`` given at export (e.g. bundle version, demo flag)."""
+
 PLANES_SHAPE = (9, 3, 224, 224)
 
 
@@ -109,7 +112,7 @@ def export_torchscript(
         traced = torch.jit.trace(predictor, example, strict=False, check_trace=False)
     extra = {
         LAYOUT_FILE: json.dumps({"columns": layout.columns, "group_sizes": layout.group_sizes}),
-        "metadata.json": json.dumps(extra_metadata or {}),
+        METADATA_FILE: json.dumps(extra_metadata or {}),
     }
     output_path = Path(output_path)
     output_path.parent.mkdir(parents=True, exist_ok=True)
@@ -132,14 +135,22 @@ def load_checkpoint(network: nn.Module, checkpoint: str | Path) -> None:
     network.load_state_dict(state, strict=True)
 
 
+def load_exported(
+    path: str | Path, device: torch.device | str = "cpu"
+) -> tuple[torch.jit.ScriptModule, dict, dict]:
+    """Load an exported predictor, its semantic output layout and the metadata stored with it."""
+    extra = {LAYOUT_FILE: "", METADATA_FILE: ""}
+    with _torchscript_without_deprecation_noise():
+        module = torch.jit.load(str(path), map_location=device, _extra_files=extra)
+    return module.eval(), json.loads(extra[LAYOUT_FILE]), json.loads(extra[METADATA_FILE] or "{}")
+
+
 def load_predictor(
     path: str | Path, device: torch.device | str = "cpu"
 ) -> tuple[torch.jit.ScriptModule, dict]:
     """Load an exported predictor and its semantic output layout."""
-    extra = {LAYOUT_FILE: "", "metadata.json": ""}
-    with _torchscript_without_deprecation_noise():
-        module = torch.jit.load(str(path), map_location=device, _extra_files=extra)
-    return module.eval(), json.loads(extra[LAYOUT_FILE])
+    module, layout, _ = load_exported(path, device)
+    return module, layout
 
 
 def build_predictor(

@@ -1,0 +1,179 @@
+"""CT series geometry: check that a series is a usable axial volume and describe it for the bundle.
+
+The SDK's series-to-volume step sorts the slices and stacks their pixels; this module checks what it
+does not (orientation, slice count, missing/duplicate slices, even spacing, consistent headers) and
+builds the voxel-to-world matrix from the headers. Every problem is a :class:`UserInputError` that
+names the series and the DICOM tag, so a bad series is reported and the others still run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pydicom
+import torch
+from monai.data import MetaTensor
+
+from training.bundle_path import use_bundle
+
+use_bundle()
+from scripts.errors import UserInputError  # noqa: E402
+
+#: Largest angle (degrees) between the slice normal and the patient's z axis for an "axial" series.
+MAX_AXIAL_TILT_DEG = 10.0
+#: Relative tolerance on slice spacing before a series counts as unevenly spaced.
+SPACING_TOLERANCE = 0.05
+
+
+@dataclass(frozen=True)
+class SeriesGeometry:
+    """Voxel grid of a checked series, slices sorted from inferior to superior along the normal.
+
+    Args:
+        voxel_to_lps: 4x4 matrix from (column, row, slice) indices to world LPS mm.
+        shape: (slices, rows, columns).
+        datasets: the slice headers in volume order.
+    """
+
+    voxel_to_lps: np.ndarray
+    shape: tuple[int, int, int]
+    datasets: tuple[pydicom.Dataset, ...]
+
+    @property
+    def frame_of_reference_uid(self) -> str:
+        return str(self.datasets[0].get("FrameOfReferenceUID", ""))
+
+    @property
+    def voxel_to_ras(self) -> np.ndarray:
+        """The same matrix in RAS, as MONAI affines are."""
+        flip = np.diag([-1.0, -1.0, 1.0, 1.0])
+        return flip @ self.voxel_to_lps
+
+
+def describe_series(dataset: pydicom.Dataset) -> str:
+    """How messages name a series (no patient data): number, description and UID."""
+    number = dataset.get("SeriesNumber", "?")
+    description = str(dataset.get("SeriesDescription", "") or "no description")
+    return f"series {number} '{description}' ({dataset.get('SeriesInstanceUID', 'no UID')})"
+
+
+def _vector(dataset: pydicom.Dataset, keyword: str, size: int, who: str) -> np.ndarray:
+    value = dataset.get(keyword)
+    try:
+        vector = np.asarray([float(v) for v in value], dtype=np.float64)  # type: ignore[union-attr]
+    except (TypeError, ValueError):
+        vector = np.empty(0)
+    if vector.shape != (size,) or not np.isfinite(vector).all():
+        raise UserInputError(
+            f"{who}: instance {dataset.get('InstanceNumber', '?')} has no valid {keyword} "
+            f"({size} numbers expected, got {value!r}); the series cannot be placed in the patient"
+        )
+    return vector
+
+
+def check_series_geometry(datasets: Sequence[pydicom.Dataset], *, min_slices: int = 16) -> SeriesGeometry:
+    """Check a CT series' slice headers and return its voxel grid.
+
+    Args:
+        datasets: one header per slice, in any order.
+        min_slices: fewest slices accepted (a nodule ROI spans 100 mm).
+
+    Returns:
+        the geometry, slices sorted along the slice normal.
+
+    Raises:
+        UserInputError: not axial, too few slices, duplicate or missing slices, uneven spacing, or
+            inconsistent orientation, pixel spacing or matrix size across slices.
+    """
+    if not datasets:
+        raise UserInputError("the CT series has no slices")
+    who = describe_series(datasets[0])
+    if len(datasets) < min_slices:
+        raise UserInputError(
+            f"{who} has {len(datasets)} slice(s); at least {min_slices} contiguous axial slices are needed"
+        )
+    orientation = _vector(datasets[0], "ImageOrientationPatient", 6, who)
+    spacing = _vector(datasets[0], "PixelSpacing", 2, who)
+    size = (int(datasets[0].get("Rows", 0)), int(datasets[0].get("Columns", 0)))
+    for dataset in datasets[1:]:
+        for keyword, reference in (("ImageOrientationPatient", orientation), ("PixelSpacing", spacing)):
+            if not np.allclose(_vector(dataset, keyword, len(reference), who), reference, atol=1e-4):
+                raise UserInputError(
+                    f"{who}: {keyword} differs between slices "
+                    f"(instance {dataset.get('InstanceNumber', '?')}); "
+                    "a volume needs one orientation and one pixel spacing"
+                )
+        if (int(dataset.get("Rows", 0)), int(dataset.get("Columns", 0))) != size:
+            raise UserInputError(f"{who}: Rows/Columns differ between slices; a volume needs one matrix size")
+    row_direction, column_direction = orientation[:3], orientation[3:]
+    normal = np.cross(row_direction, column_direction)
+    tilt = np.degrees(np.arccos(min(1.0, abs(normal[2]) / max(np.linalg.norm(normal), 1e-12))))
+    if tilt > MAX_AXIAL_TILT_DEG:
+        raise UserInputError(
+            f"{who} is not axial: ImageOrientationPatient {orientation.round(3).tolist()} tilts the slices "
+            f"{tilt:.0f} degrees from axial (at most {MAX_AXIAL_TILT_DEG:.0f}); send the axial reconstruction"
+        )
+    positions = np.stack([_vector(d, "ImagePositionPatient", 3, who) for d in datasets])
+    distance = positions @ normal
+    order = np.argsort(distance, kind="stable")
+    distance, positions = distance[order], positions[order]
+    ordered = tuple(datasets[i] for i in order)
+    steps = np.diff(distance)
+    duplicates = np.flatnonzero(steps < 1e-3)
+    if duplicates.size:
+        instance = ordered[int(duplicates[0]) + 1].get("InstanceNumber", "?")
+        raise UserInputError(
+            f"{who}: duplicate slices at {distance[duplicates[0]]:.2f} mm along the slice normal "
+            f"(ImagePositionPatient; e.g. instance {instance}); "
+            "remove the duplicates or send the series again"
+        )
+    step = float(np.median(steps))
+    uneven = np.flatnonzero(np.abs(steps - step) > SPACING_TOLERANCE * step)
+    if uneven.size:
+        gap = steps[uneven[0]]
+        kind = "missing slice(s)" if gap > 1.5 * step else "uneven slice spacing"
+        raise UserInputError(
+            f"{who}: {kind}: ImagePositionPatient jumps {gap:.2f} mm after {distance[uneven[0]]:.2f} mm "
+            f"while the series spacing is {step:.2f} mm; send the complete series"
+        )
+    slice_vector = (positions[-1] - positions[0]) / (len(positions) - 1)
+    matrix = np.eye(4)
+    # DICOM PixelSpacing is (between rows, between columns): a column index steps along the row direction.
+    matrix[:3, 0] = row_direction * spacing[1]
+    matrix[:3, 1] = column_direction * spacing[0]
+    matrix[:3, 2] = slice_vector
+    matrix[:3, 3] = positions[0]
+    return SeriesGeometry(voxel_to_lps=matrix, shape=(len(ordered), *size), datasets=ordered)
+
+
+def to_meta_tensor(voxels_krc: np.ndarray, geometry: SeriesGeometry) -> MetaTensor:
+    """The bundle's volume layout: HU as a (1, columns, rows, slices) MetaTensor with a RAS affine."""
+    if tuple(voxels_krc.shape) != geometry.shape:
+        raise ValueError(
+            f"voxel array {voxels_krc.shape} does not match the series geometry {geometry.shape}"
+        )
+    array = torch.from_numpy(np.ascontiguousarray(voxels_krc.transpose(2, 1, 0), dtype=np.float32))
+    return MetaTensor(array[None], affine=torch.as_tensor(geometry.voxel_to_ras, dtype=torch.float64))
+
+
+@dataclass(frozen=True)
+class SeriesVolume:
+    """A checked CT series and its HU volume in the bundle's layout."""
+
+    geometry: SeriesGeometry
+    volume: MetaTensor
+    selection: str
+
+    @property
+    def description(self) -> str:
+        return describe_series(self.geometry.datasets[0])
+
+
+@dataclass(frozen=True)
+class SeriesFailure:
+    """A series (or the whole input) that could not be analysed, and the message for the user."""
+
+    series: str
+    message: str

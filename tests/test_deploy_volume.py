@@ -1,0 +1,96 @@
+"""Series geometry checks of the deploy app (deploy_app.volume)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pydicom
+import pytest
+import torch
+
+from deploy_app.volume import check_series_geometry, to_meta_tensor
+from scripts.errors import UserInputError
+from scripts.transforms import LoadCT
+from training.dicom_ct import CTGeometry, SyntheticPatient, write_ct_series
+
+GEOMETRY = CTGeometry(
+    shape=(20, 12, 10), pixel_spacing=(0.7, 0.8), slice_spacing=2.5, origin_lps=(-20.0, 5.0, -90.0)
+)
+
+
+def headers(
+    geometry: CTGeometry = GEOMETRY, positions: np.ndarray | None = None, overrides: dict | None = None
+) -> list[pydicom.Dataset]:
+    positions = geometry.slice_positions() if positions is None else positions
+    datasets = []
+    for k, position in enumerate(positions):
+        ds = pydicom.Dataset()
+        ds.SeriesInstanceUID = "1.2.3"
+        ds.SeriesNumber = 3
+        ds.SeriesDescription = "test"
+        ds.SOPInstanceUID = f"1.2.3.{k}"
+        ds.InstanceNumber = k + 1
+        ds.ImagePositionPatient = [float(v) for v in position]
+        ds.ImageOrientationPatient = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
+        ds.PixelSpacing = list(geometry.pixel_spacing)
+        ds.Rows, ds.Columns = geometry.shape[1], geometry.shape[2]
+        for keyword, value in (overrides or {}).get(k, {}).items():
+            setattr(ds, keyword, value)
+        datasets.append(ds)
+    return datasets
+
+
+def test_geometry_matches_the_writer_whatever_the_slice_order() -> None:
+    shuffled = headers()
+    np.random.default_rng(0).shuffle(shuffled)
+    geometry = check_series_geometry(shuffled)
+    assert geometry.shape == GEOMETRY.shape
+    assert [d.InstanceNumber for d in geometry.datasets] == list(range(1, 21))
+    index_krc = np.array([[0, 0, 0], [3, 5, 7], [19, 11, 9]], dtype=float)
+    index_crk = np.concatenate([index_krc[:, ::-1], np.ones((3, 1))], axis=1)
+    np.testing.assert_allclose(
+        (geometry.voxel_to_lps @ index_crk.T).T[:, :3], GEOMETRY.index_to_lps(index_krc)
+    )
+
+
+def test_meta_tensor_equals_the_bundle_loader(tmp_path) -> None:
+    volume = np.random.default_rng(1).integers(-1000, 400, size=GEOMETRY.shape).astype(np.int16)
+    series = write_ct_series(volume, GEOMETRY, tmp_path / "ct", patient=SyntheticPatient("T1"), uid_seed="v")
+    datasets = [pydicom.dcmread(f) for f in series.files]
+    geometry = check_series_geometry(datasets)
+    ours = to_meta_tensor(np.stack([d.pixel_array for d in geometry.datasets]).astype(np.float32), geometry)
+    bundle = LoadCT()(str(series.directory))
+    assert ours.shape == bundle.shape
+    torch.testing.assert_close(ours.as_tensor(), bundle.as_tensor().float())
+    np.testing.assert_allclose(np.asarray(ours.affine), np.asarray(bundle.affine), atol=1e-4)
+
+
+def _moved(k: int, dz: float) -> np.ndarray:
+    positions = GEOMETRY.slice_positions()
+    positions[k:, 2] += dz
+    return positions
+
+
+@pytest.mark.parametrize(
+    ("datasets", "expected"),
+    [
+        (headers()[:5], r"5 slice\(s\); at least 16"),
+        (
+            headers(overrides={k: {"ImageOrientationPatient": [0, 1, 0, 0, 0, -1]} for k in range(20)}),
+            "not axial",
+        ),
+        (
+            headers(positions=np.concatenate([GEOMETRY.slice_positions(), GEOMETRY.slice_positions()[-1:]])),
+            "duplicate slices",
+        ),
+        (headers(positions=np.delete(GEOMETRY.slice_positions(), 7, axis=0)), "missing slice"),
+        (headers(positions=_moved(9, 0.6)), "uneven slice spacing"),
+        (headers(overrides={4: {"PixelSpacing": [0.5, 0.5]}}), "PixelSpacing differs"),
+        (headers(overrides={4: {"Rows": 64}}), "Rows/Columns differ"),
+        (headers(overrides={2: {"ImagePositionPatient": [1.0, 2.0]}}), "no valid ImagePositionPatient"),
+    ],
+    ids=["too-few", "sagittal", "duplicate", "missing", "uneven", "spacing", "matrix", "no-position"],
+)
+def test_bad_series_are_named_with_the_problem(datasets, expected) -> None:
+    with pytest.raises(UserInputError, match=expected) as error:
+        check_series_geometry(datasets)
+    assert "series 3 'test' (1.2.3)" in str(error.value)
