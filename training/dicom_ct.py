@@ -175,6 +175,12 @@ def _series_dataset(
     return ds
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _atomic_directory(out_dir: Path) -> Path:
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     return Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".tmp"))
@@ -271,6 +277,7 @@ def write_ct_series(
             ds.save_as(staging / name, enforce_file_format=True)
             names.append(name)
             sop_uids.append(sop_uid)
+        staging.chmod(0o777 & ~_umask())  # mkdtemp makes an owner-only folder
         os.replace(staging, out_dir)
     except BaseException:
         for leftover in staging.glob("*"):
@@ -299,6 +306,7 @@ def write_nifti(volume_hu: np.ndarray, geometry: CTGeometry, path: str | Path) -
     suffix = ".nii.gz" if path.name.endswith(".nii.gz") else path.suffix
     handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
     os.close(handle)
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes owner-only files; outputs follow the umask
     try:
         nib.save(image, tmp)
         os.replace(tmp, path)

@@ -105,6 +105,22 @@ def world_lps_to_voxel(
     return _like(array @ matrix[:3, :3].T + matrix[:3, 3], template)
 
 
+def seed_inside_scan(
+    affine_ras: np.ndarray | torch.Tensor, shape: Sequence[int], seed_lps: ArrayLike
+) -> bool:
+    """Whether a world LPS seed lies inside an image: within half a voxel of its voxel-centre grid.
+
+    The one rule for "inside the scan", used by the ROI crop, cohort validation and the deploy app.
+
+    Args:
+        affine_ras: 4x4 voxel-to-RAS affine of the image.
+        shape: spatial shape ``(X, Y, Z)``.
+        seed_lps: one point (3,) in world LPS mm.
+    """
+    index = np.asarray(world_lps_to_voxel(affine_ras, np.asarray(seed_lps, dtype=np.float64)))
+    return bool(np.all(index >= -0.5) and np.all(index <= np.asarray(shape, dtype=np.float64) - 0.5))
+
+
 def voxel_to_world_lps(affine_ras: np.ndarray | torch.Tensor, voxels: ArrayLike) -> np.ndarray | torch.Tensor:
     """Map continuous voxel indices ``(i, j, k)`` to world LPS millimetres.
 

@@ -57,7 +57,7 @@ from monai.transforms import (
 )
 
 from scripts.errors import UserInputError
-from scripts.geometry import format_extent_lps, lps_to_voxel_matrix
+from scripts.geometry import format_extent_lps, lps_to_voxel_matrix, seed_inside_scan
 
 __all__ = [
     "CLIP_MEAN",
@@ -460,8 +460,7 @@ class SeedROICrop(Transform):
             )
         spatial = tuple(int(n) for n in volume.shape[1:])
         index_map = self.roi_to_voxel(affine, seed_lps)
-        centre = index_map[:3, :3] @ np.full(3, self.roi_size // 2) + index_map[:3, 3]
-        if np.any(centre < -0.5) or np.any(centre > np.asarray(spatial) - 0.5):
+        if not seed_inside_scan(affine, spatial, seed_lps):
             where = f"{who}: " if who != "nodule" else ""
             source = f" (image {filename})" if filename else ""
             raise UserInputError(

@@ -1,0 +1,685 @@
+"""The DICOM TID 1500 Measurement Report (Comprehensive 3D SR) of one analysed CT series.
+
+Pure functions: :func:`build_measurement_report` turns the CT headers and a
+:class:`~deploy_app.findings.SeriesResult` into a highdicom ``Comprehensive3DSR``;
+:func:`read_measurement_report` reads such a report back (tests, the PACS round trip).
+:func:`nodule_group` and :func:`assemble_report` are the building blocks shared with the seeds SR
+writer (:func:`deploy_app.seeds.build_seed_sr`).
+
+Document
+--------
+- SOP class Comprehensive 3D SR, root template TID 1500, title (126000, DCM, "Imaging Measurement
+  Report"), language en-US, procedure reported (169069000, SCT, "CT of chest").
+- Patient and study attributes are copied from the CT by highdicom. Every instance of the CT series
+  is listed as evidence (Current Requested Procedure Evidence Sequence): the report is about the
+  series as a whole (the model reads a 100 mm cube, i.e. dozens of slices, around each seed), and a
+  few hundred references cost a few kilobytes.
+- Observer context: a DEVICE observer (TID 1004) whose UID is derived from the bundle name and
+  version (the same bundle version always has the same device UID), name and model name = bundle
+  name, serial number = bundle version, manufacturer = ``manufacturer``.
+- Completion flag COMPLETE when every seed was analysed, PARTIAL when some were skipped (the content
+  then covers only part of what was asked for); verification flag UNVERIFIED and preliminary flag
+  PRELIMINARY: the findings are a research model's output that no physician has reviewed.
+- A coding scheme identification item declares the private scheme ``99LNSCLIP`` of
+  :mod:`scripts.vocabulary`.
+
+One measurement group per nodule (TID 1410 Planar ROI Measurements and Qualitative Evaluations)
+---------------------------------------------------------------------------------------------
+============================================  =========================================================
+Content item                                  Encoding
+============================================  =========================================================
+Tracking Identifier (112039, DCM)             the seed label, e.g. "Nodule 1"
+Tracking Unique Identifier (112040, DCM)      the seed's tracking UID when it came with one (an input
+                                              SR or SEG), else a UID derived from the SR's SOP
+                                              Instance UID and the nodule's index
+Finding (121071, DCM)                         (27925004, SCT, "Nodule")
+Finding Site (363698007, SCT)                 (39607008, SCT, "Lung")
+Algorithm Name / Version (TID 4019)           bundle name / version, family (123110, DCM,
+                                              "Artificial Intelligence"), parameters ``folds=K``,
+                                              ``calibrated=yes|no``
+Image Region (111030, DCM), SCOORD3D POINT    the seed, world LPS mm (Graphic Data is FL, i.e. float32:
+                                              about 1e-5 mm at chest coordinates), in the CT's Frame of
+                                              Reference; Geometric purpose of region (130400, DCM) =
+                                              (111010, DCM, "Center")
+NUM (111047, DCM, "Probability of cancer")    the malignancy probability, units (1, UCUM, "no units");
+                                              Derivation (121401, DCM) = (373098007, SCT, "Mean") when
+                                              it is the uncalibrated mean of several folds; algorithm
+                                              identification as above
+NUM (111011, DCM, "Certainty of Feature")     one per semantic feature: the probability of the
+                                              predicted value (units "1"), with the feature and value as
+                                              TID 300's concept modifier ($ModType/$ModValue): HAS
+                                              CONCEPT MOD CODE (feature concept) = (value code), plus
+                                              the algorithm identification
+CODE (feature concept) = (value code)         one per semantic feature: the qualitative evaluation
+                                              (concept and value codes from scripts.vocabulary)
+============================================  =========================================================
+
+Why "Certainty of Feature": a TID 1501 qualitative evaluation is a bare CODE item without a number.
+PS3.16 defines (111011, DCM, "Certainty of Feature") as "the likelihood that the feature analyzed is
+in fact the type of feature identified", which is exactly the zero-shot probability of the predicted
+value. Encoding it as a TID 300 measurement whose concept modifier names the feature and value keeps
+every item inside rows the templates define (no private codes, no template extension), gives it its
+own algorithm identification, and lets a reader pair it with its evaluation by the feature concept
+(each feature appears once per group).
+
+Numbers are written as DS (16 characters) and as FD Floating Point Value, so they read back exactly.
+
+Report-level comments
+---------------------
+A "Qualitative Evaluations" container (C0034375, UMLS) at the end of the root holds TEXT items
+(121106, DCM, "Comment"): a research-use statement with the model identity, an "UNTRAINED
+DEMONSTRATION MODEL" warning when ``ModelInfo.untrained_demo`` is set (also in the series
+description), and, when seeds were skipped, their count followed by one comment per skipped seed
+(label, source, reason).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+import pydicom
+from highdicom.coding_schemes import CodingSchemeIdentificationItem
+from highdicom.sr import CodedConcept
+from pydicom.sr.codedict import codes
+from pydicom.uid import generate_uid
+
+from deploy_app.findings import ModelInfo, NoduleResult, NoduleSeed, SeriesResult, SkippedSeed
+from training.bundle_path import use_bundle
+
+use_bundle()
+
+from scripts.vocabulary import FEATURE_BY_COLUMN, FEATURES, PRIVATE_SCHEME, Code  # noqa: E402
+
+logger = logging.getLogger(__name__)
+
+SR_SERIES_DESCRIPTION = "Semantic CLIP nodule SR (research use only)"
+"""Series description of the results SR."""
+DEMO_SERIES_DESCRIPTION = "UNTRAINED DEMO - semantic CLIP nodule SR (research use only)"
+"""Series description when the model is the untrained demonstration model."""
+DEFAULT_MANUFACTURER = "lung_nodule_ct_semantic_clip contributors"
+"""Manufacturer written into the SR (equipment module and device observer)."""
+
+PROCEDURE_CT_CHEST = CodedConcept("169069000", "SCT", "CT of chest")
+"""Procedure reported (TID 1500 row 4, CID 100 is extensible)."""
+FINDING_NODULE = CodedConcept.from_code(codes.SCT.Nodule)
+FINDING_SITE_LUNG = CodedConcept.from_code(codes.SCT.Lung)
+PROBABILITY_OF_CANCER = CodedConcept.from_code(codes.DCM.ProbabilityOfCancer)
+CERTAINTY_OF_FEATURE = CodedConcept.from_code(codes.DCM.CertaintyOfFeature)
+NO_UNITS = CodedConcept.from_code(codes.UCUM.NoUnits)
+CENTER = CodedConcept.from_code(codes.DCM.Center)
+COMMENT = CodedConcept.from_code(codes.DCM.Comment)
+MEAN = CodedConcept.from_code(codes.SCT.Mean)
+QUALITATIVE_EVALUATIONS = CodedConcept("C0034375", "UMLS", "Qualitative Evaluations")
+"""TID 1500 row 12 container (not in pydicom's concept dictionary)."""
+
+UNTRAINED_DEMO_WARNING = (
+    "UNTRAINED DEMONSTRATION MODEL: these probabilities and findings are meaningless and must not "
+    "be used for any purpose other than testing the software."
+)
+RESEARCH_USE_STATEMENT = (
+    "Research use only; not for clinical use. Results have not been reviewed by a physician."
+)
+
+_ALGORITHM_NAME = CodedConcept("111001", "DCM", "Algorithm Name")
+_ALGORITHM_VERSION = CodedConcept("111003", "DCM", "Algorithm Version")
+
+
+def coded(code: Code) -> CodedConcept:
+    """The highdicom coded concept of a vocabulary :class:`~scripts.vocabulary.Code`."""
+    return CodedConcept(code.value, code.scheme_designator, code.meaning)
+
+
+def private_coding_scheme() -> CodingSchemeIdentificationItem:
+    """The Coding Scheme Identification item that declares the project's private scheme."""
+    return CodingSchemeIdentificationItem(
+        designator=PRIVATE_SCHEME,
+        name="Lung nodule semantic CLIP private codes",
+        responsible_organization=DEFAULT_MANUFACTURER,
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# CT series identity
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SeriesIdentity:
+    """The UIDs every CT instance of one series shares."""
+
+    study_instance_uid: str
+    series_instance_uid: str
+    frame_of_reference_uid: str
+
+
+def series_identity(ct_datasets: Sequence[pydicom.Dataset]) -> SeriesIdentity:
+    """Check that ``ct_datasets`` are one series of one study in one frame of reference.
+
+    Args:
+        ct_datasets: the CT headers (pixel data not needed).
+
+    Returns:
+        Their shared UIDs.
+
+    Raises:
+        ValueError: no datasets, a UID is missing, or the datasets disagree.
+    """
+    if not ct_datasets:
+        raise ValueError("no CT datasets were given")
+    identity: list[str] = []
+    for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "FrameOfReferenceUID"):
+        values = {str(ds.get(keyword, "")) for ds in ct_datasets}
+        if len(values) != 1 or "" in values:
+            raise ValueError(f"the CT datasets must share one non-empty {keyword}; found {sorted(values)}")
+        identity.append(values.pop())
+    return SeriesIdentity(*identity)
+
+
+_TYPE2_EVIDENCE_ATTRIBUTES = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "AccessionNumber",
+    "StudyID",
+    "StudyDate",
+    "StudyTime",
+    "ReferringPhysicianName",
+)
+
+
+def _evidence(ct_datasets: Sequence[pydicom.Dataset]) -> list[pydicom.Dataset]:
+    """The evidence list for highdicom: the first header completed with empty type 2 attributes.
+
+    highdicom copies patient and study attributes from the first evidence dataset by attribute
+    access; real CT headers sometimes omit type 2 attributes, which would raise. The datasets
+    themselves are not modified, and pixel data is never copied.
+    """
+    first = pydicom.Dataset()
+    for element in ct_datasets[0]:
+        if element.keyword != "PixelData":
+            first.add(element)
+    for keyword in _TYPE2_EVIDENCE_ATTRIBUTES:
+        if keyword not in first:
+            setattr(first, keyword, "")
+    return [first, *ct_datasets[1:]]
+
+
+# --------------------------------------------------------------------------------------------------
+# building blocks (shared with deploy_app.seeds.build_seed_sr)
+# --------------------------------------------------------------------------------------------------
+
+
+def device_observer_uid(name: str, version: str) -> str:
+    """A UID that is the same for every report written by the same bundle name and version."""
+    return generate_uid(entropy_srcs=["device observer", name, version])
+
+
+def device_observation_context(name: str, version: str, manufacturer: str) -> hd.sr.ObservationContext:
+    """Observation context with one DEVICE observer (TID 1002/1004) identifying the bundle.
+
+    Args:
+        name: bundle (device) name; also the model name.
+        version: bundle version, written as the serial number.
+        manufacturer: device manufacturer.
+    """
+    device = hd.sr.DeviceObserverIdentifyingAttributes(
+        uid=device_observer_uid(name, version),
+        name=name,
+        manufacturer_name=manufacturer,
+        model_name=name,
+        serial_number=version,
+    )
+    observer = hd.sr.ObserverContext(
+        observer_type=codes.cid270.Device, observer_identifying_attributes=device
+    )
+    return hd.sr.ObservationContext(observer_device_context=observer)
+
+
+def algorithm_identification(model: ModelInfo) -> hd.sr.AlgorithmIdentification:
+    """TID 4019 Algorithm Identification of the bundle's model."""
+    return hd.sr.AlgorithmIdentification(
+        name=model.name,
+        version=model.version,
+        parameters=[f"folds={model.folds}", f"calibrated={'yes' if model.calibrated else 'no'}"],
+        family=codes.cid7162.ArtificialIntelligence,
+    )
+
+
+def tracking_uid_for(seed: NoduleSeed, document_uid: str, index: int) -> str:
+    """The seed's own tracking UID, else one derived from the document's SOP Instance UID and index."""
+    return seed.tracking_uid or generate_uid(entropy_srcs=["tracking", document_uid, str(index)])
+
+
+def nodule_group(
+    seed: NoduleSeed,
+    frame_of_reference_uid: str,
+    tracking_uid: str,
+    *,
+    measurements: Sequence[hd.sr.Measurement] = (),
+    evaluations: Sequence[hd.sr.QualitativeEvaluation] = (),
+    algorithm: hd.sr.AlgorithmIdentification | None = None,
+) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations:
+    """One TID 1410 measurement group: tracking ids, Nodule in Lung, the seed as a SCOORD3D POINT.
+
+    Args:
+        seed: the nodule seed (its position is world LPS mm in ``frame_of_reference_uid``).
+        frame_of_reference_uid: the CT's Frame of Reference UID.
+        tracking_uid: the group's Tracking Unique Identifier.
+        measurements: TID 300 measurements of the group.
+        evaluations: qualitative evaluations of the group.
+        algorithm: algorithm identification of the whole group (None for human seeds).
+    """
+    point = np.asarray([seed.position_lps], dtype=np.float64)
+    region = hd.sr.ImageRegion3D(
+        graphic_type=hd.sr.GraphicTypeValues3D.POINT,
+        graphic_data=point,
+        frame_of_reference_uid=frame_of_reference_uid,
+    )
+    return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=tracking_uid, identifier=seed.label),
+        referenced_region=region,
+        finding_type=FINDING_NODULE,
+        finding_sites=[hd.sr.FindingSite(anatomic_location=FINDING_SITE_LUNG)],
+        algorithm_id=algorithm,
+        measurements=list(measurements) or None,
+        qualitative_evaluations=list(evaluations) or None,
+        geometric_purpose=CENTER,
+    )
+
+
+def comments_container(comments: Sequence[str]) -> hd.sr.ContainerContentItem:
+    """TID 1500 "Qualitative Evaluations" container holding one Comment TEXT item per string."""
+    container = hd.sr.ContainerContentItem(
+        name=QUALITATIVE_EVALUATIONS, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS
+    )
+    container.ContentSequence = hd.sr.ContentSequence(
+        [
+            hd.sr.TextContentItem(
+                name=COMMENT, value=text, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS
+            )
+            for text in comments
+        ]
+    )
+    return container
+
+
+def assemble_report(
+    ct_datasets: Sequence[pydicom.Dataset],
+    groups: Sequence[hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations],
+    *,
+    observation_context: hd.sr.ObservationContext,
+    comments: Sequence[str] = (),
+    series_description: str,
+    series_number: int,
+    instance_number: int,
+    series_instance_uid: str,
+    sop_instance_uid: str,
+    manufacturer: str,
+    manufacturer_model_name: str,
+    software_versions: str,
+    is_complete: bool,
+    institution_name: str | None = None,
+) -> hd.sr.Comprehensive3DSR:
+    """Wrap measurement groups into a TID 1500 Comprehensive 3D SR that references the CT series.
+
+    Args:
+        ct_datasets: every CT header of the series (the evidence; patient and study come from them).
+        groups: the measurement groups (at least one).
+        observation_context: who observed (TID 1001).
+        comments: report-level comments (see :func:`comments_container`); none: no container.
+        series_description: SeriesDescription of the SR.
+        series_number: SeriesNumber.
+        instance_number: InstanceNumber.
+        series_instance_uid: SeriesInstanceUID of the SR.
+        sop_instance_uid: SOPInstanceUID of the SR.
+        manufacturer: Manufacturer.
+        manufacturer_model_name: ManufacturerModelName.
+        software_versions: SoftwareVersions.
+        is_complete: CompletionFlag COMPLETE (else PARTIAL).
+        institution_name: InstitutionName, if any.
+
+    Returns:
+        The SR (UNVERIFIED, PRELIMINARY).
+    """
+    series_identity(ct_datasets)
+    if not groups:
+        raise ValueError("a TID 1500 measurement report needs at least one measurement group")
+    report = hd.sr.MeasurementReport(
+        observation_context=observation_context,
+        procedure_reported=PROCEDURE_CT_CHEST,
+        imaging_measurements=list(groups),
+        title=codes.cid7021.ImagingMeasurementReport,
+        language_of_content_item_and_descendants=hd.sr.LanguageOfContentItemAndDescendants(
+            CodedConcept("en-US", "RFC5646", "English (United States)")
+        ),
+    )
+    if comments:
+        report[0].ContentSequence.append(comments_container(comments))
+    return hd.sr.Comprehensive3DSR(
+        evidence=_evidence(ct_datasets),
+        content=report[0],
+        series_instance_uid=series_instance_uid,
+        series_number=series_number,
+        sop_instance_uid=sop_instance_uid,
+        instance_number=instance_number,
+        manufacturer=manufacturer,
+        manufacturer_model_name=manufacturer_model_name,
+        software_versions=software_versions,
+        series_description=series_description,
+        institution_name=institution_name,
+        is_complete=is_complete,
+        is_final=False,
+        is_verified=False,
+        coding_schemes=[private_coding_scheme()],
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# the results report
+# --------------------------------------------------------------------------------------------------
+
+
+def _probability(value: float, what: str) -> float:
+    number = float(value)
+    if not 0.0 <= number <= 1.0:
+        raise ValueError(f"{what} must be a probability in [0, 1], got {value!r}")
+    return number
+
+
+def _certainty_of_feature(
+    column: str, value_name: str, probability: float, algorithm: hd.sr.AlgorithmIdentification
+) -> hd.sr.Measurement:
+    """NUM Certainty of Feature = probability, modified by (feature concept) = (value code)."""
+    feature = FEATURE_BY_COLUMN[column]
+    measurement = hd.sr.Measurement(
+        name=CERTAINTY_OF_FEATURE,
+        value=_probability(probability, f"probability of {column} = {value_name}"),
+        unit=NO_UNITS,
+        algorithm_id=algorithm,
+    )
+    modifier = hd.sr.CodeContentItem(
+        name=coded(feature.code),
+        value=coded(feature.value(value_name).code),
+        relationship_type=hd.sr.RelationshipTypeValues.HAS_CONCEPT_MOD,
+    )
+    # TID 300 row 2 ($ModType/$ModValue) comes before the algorithm identification rows
+    measurement[0].ContentSequence.insert(0, modifier)
+    return measurement
+
+
+def _ordered_columns(semantic: Mapping[str, Mapping[str, float]]) -> list[str]:
+    """The nodule's feature columns in vocabulary order; an unknown column is a programming error."""
+    unknown = sorted(set(semantic) - set(FEATURE_BY_COLUMN))
+    if unknown:
+        raise ValueError(f"unknown semantic feature column(s): {', '.join(unknown)}")
+    return [feature.column for feature in FEATURES if feature.column in semantic]
+
+
+def nodule_result_group(
+    nodule: NoduleResult,
+    frame_of_reference_uid: str,
+    tracking_uid: str,
+    model: ModelInfo,
+) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations:
+    """The measurement group of one analysed nodule (see the module docstring for the encoding)."""
+    algorithm = algorithm_identification(model)
+    mean_of_folds = not model.calibrated and model.folds > 1
+    measurements = [
+        hd.sr.Measurement(
+            name=PROBABILITY_OF_CANCER,
+            value=_probability(nodule.malignancy, "the probability of cancer"),
+            unit=NO_UNITS,
+            derivation=MEAN if mean_of_folds else None,
+            algorithm_id=algorithm,
+        )
+    ]
+    evaluations = []
+    for column in _ordered_columns(nodule.semantic):
+        value_name, probability = nodule.predicted_value(column)
+        feature = FEATURE_BY_COLUMN[column]
+        measurements.append(_certainty_of_feature(column, value_name, probability, algorithm))
+        evaluations.append(
+            hd.sr.QualitativeEvaluation(name=coded(feature.code), value=coded(feature.value(value_name).code))
+        )
+    return nodule_group(
+        nodule.seed,
+        frame_of_reference_uid,
+        tracking_uid,
+        measurements=measurements,
+        evaluations=evaluations,
+        algorithm=algorithm,
+    )
+
+
+def _describe_skipped(skipped: SkippedSeed) -> str:
+    return f"{skipped.seed.label} ({skipped.seed.source}) was not analysed: {skipped.reason}"
+
+
+def report_comments(result: SeriesResult) -> list[str]:
+    """The report-level comments: research use, demo warning, skipped seeds."""
+    model = result.model
+    calibration = "calibrated" if model.calibrated else "uncalibrated"
+    comments = [
+        f"{RESEARCH_USE_STATEMENT} Model: {model.name} {model.version}, {model.folds} fold(s), {calibration}."
+    ]
+    if model.untrained_demo:
+        comments.append(UNTRAINED_DEMO_WARNING)
+    if result.skipped:
+        count = len(result.skipped)
+        comments.append(f"{count} nodule seed{'s were' if count > 1 else ' was'} not analysed.")
+        comments.extend(_describe_skipped(item) for item in result.skipped)
+    return comments
+
+
+def build_measurement_report(
+    ct_datasets: Sequence[pydicom.Dataset],
+    result: SeriesResult,
+    *,
+    series_number: int = 901,
+    instance_number: int = 1,
+    institution_name: str | None = None,
+    manufacturer: str = DEFAULT_MANUFACTURER,
+    series_instance_uid: str | None = None,
+    sop_instance_uid: str | None = None,
+) -> hd.sr.Comprehensive3DSR:
+    """The TID 1500 Comprehensive 3D SR of one analysed CT series.
+
+    Args:
+        ct_datasets: every CT header of the analysed series (one study, one frame of reference).
+        result: the nodules (at least one) and skipped seeds of the series.
+        series_number: SeriesNumber of the SR.
+        instance_number: InstanceNumber of the SR.
+        institution_name: InstitutionName, if any.
+        manufacturer: Manufacturer of the SR and of the device observer.
+        series_instance_uid: SeriesInstanceUID (default: a new UID).
+        sop_instance_uid: SOPInstanceUID (default: a new UID); new tracking UIDs derive from it.
+
+    Returns:
+        The SR, ready for :func:`deploy_app.dicom_io.write_dataset`.
+
+    Raises:
+        ValueError: no analysed nodule, CT datasets of several series, a probability outside
+            [0, 1] or an unknown feature column or value.
+    """
+    if not result.nodules:
+        raise ValueError("no analysed nodule: there is nothing to put into a measurement report")
+    identity = series_identity(ct_datasets)
+    sop_instance_uid = sop_instance_uid or generate_uid()
+    groups = [
+        nodule_result_group(
+            nodule,
+            identity.frame_of_reference_uid,
+            tracking_uid_for(nodule.seed, sop_instance_uid, index),
+            result.model,
+        )
+        for index, nodule in enumerate(result.nodules, start=1)
+    ]
+    model = result.model
+    return assemble_report(
+        ct_datasets,
+        groups,
+        observation_context=device_observation_context(model.name, model.version, manufacturer),
+        comments=report_comments(result),
+        series_description=DEMO_SERIES_DESCRIPTION if model.untrained_demo else SR_SERIES_DESCRIPTION,
+        series_number=series_number,
+        instance_number=instance_number,
+        series_instance_uid=series_instance_uid or generate_uid(),
+        sop_instance_uid=sop_instance_uid,
+        manufacturer=manufacturer,
+        manufacturer_model_name=model.name,
+        software_versions=model.version,
+        is_complete=not result.skipped,
+        institution_name=institution_name,
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# reading
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ReadFeature:
+    """One semantic finding read back from a report.
+
+    Attributes:
+        value: canonical value name of the vocabulary.
+        probability: the Certainty of Feature, or None when the report has none.
+        code: the value's code as written.
+    """
+
+    value: str
+    probability: float | None
+    code: Code
+
+
+@dataclass(frozen=True)
+class ReadNodule:
+    """One measurement group of a TID 1500 report, as :func:`read_measurement_report` reads it.
+
+    Attributes:
+        label: Tracking Identifier.
+        tracking_uid: Tracking Unique Identifier.
+        position_lps: the SCOORD3D POINT (world LPS mm).
+        frame_of_reference_uid: its Frame of Reference UID.
+        malignancy: Probability of cancer, or None.
+        semantic: feature column -> predicted value, probability and code.
+        algorithm_name: Algorithm Name of the group, or None.
+        algorithm_version: Algorithm Version of the group, or None.
+    """
+
+    label: str
+    tracking_uid: str
+    position_lps: tuple[float, float, float]
+    frame_of_reference_uid: str
+    malignancy: float | None
+    semantic: Mapping[str, ReadFeature]
+    algorithm_name: str | None
+    algorithm_version: str | None
+
+
+def _code_of(concept: CodedConcept | pydicom.Dataset) -> Code:
+    return Code(str(concept.CodeValue), str(concept.CodingSchemeDesignator), str(concept.CodeMeaning))
+
+
+def _same_concept(a: CodedConcept | pydicom.Dataset | Code, b: Code) -> bool:
+    value = a.value if isinstance(a, Code) else str(a.CodeValue)
+    scheme = a.scheme_designator if isinstance(a, Code) else str(a.CodingSchemeDesignator)
+    return value == b.value and scheme == b.scheme_designator
+
+
+def _feature_of_concept(concept: CodedConcept) -> str | None:
+    return next((f.column for f in FEATURES if _same_concept(concept, f.code)), None)
+
+
+def _value_name(column: str, code: Code) -> str | None:
+    feature = FEATURE_BY_COLUMN[column]
+    return next((v.name for v in feature.values if _same_concept(code, v.code)), None)
+
+
+def _group_text(
+    group: hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations, name: CodedConcept
+) -> str | None:
+    """A TEXT child of the group container itself (e.g. the group's algorithm name), if any."""
+    for item in group[0].ContentSequence:
+        if item.ValueType == "TEXT" and _same_concept(item.ConceptNameCodeSequence[0], _code_of(name)):
+            return str(item.TextValue)
+    return None
+
+
+def _measurement_modifier(measurement: hd.sr.Measurement) -> tuple[str, Code] | None:
+    """(feature column, value code) of a Certainty of Feature measurement's concept modifier."""
+    for item in getattr(measurement[0], "ContentSequence", []):
+        if item.ValueType != "CODE" or item.RelationshipType != "HAS CONCEPT MOD":
+            continue
+        column = _feature_of_concept(item.ConceptNameCodeSequence[0])
+        if column is not None:
+            return column, _code_of(item.ConceptCodeSequence[0])
+    return None
+
+
+def _read_group(group: hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations) -> ReadNodule:
+    roi = group.roi
+    if not isinstance(roi, hd.sr.ImageRegion3D):
+        raise ValueError(f"measurement group '{group.tracking_identifier}' has no SCOORD3D region")
+    points = np.asarray(roi.value, dtype=np.float64).reshape(-1, 3)
+    centre = points.mean(axis=0)
+    malignancy = None
+    probabilities: dict[str, tuple[Code, float]] = {}
+    for measurement in group.get_measurements():
+        if _same_concept(measurement.name, _code_of(PROBABILITY_OF_CANCER)):
+            malignancy = float(measurement.value)
+        elif _same_concept(measurement.name, _code_of(CERTAINTY_OF_FEATURE)):
+            modifier = _measurement_modifier(measurement)
+            if modifier is not None:
+                probabilities[modifier[0]] = (modifier[1], float(measurement.value))
+    semantic: dict[str, ReadFeature] = {}
+    for evaluation in group.get_qualitative_evaluations():
+        column = _feature_of_concept(evaluation.name)
+        if column is None:
+            continue
+        code = _code_of(evaluation.value)
+        value = _value_name(column, code)
+        if value is None:
+            raise ValueError(f"feature '{column}' has a value code not in the vocabulary: {code}")
+        paired = probabilities.get(column)
+        probability = paired[1] if paired is not None and _same_concept(paired[0], code) else None
+        semantic[column] = ReadFeature(value=value, probability=probability, code=code)
+    return ReadNodule(
+        label=str(group.tracking_identifier),
+        tracking_uid=str(group.tracking_uid),
+        position_lps=(float(centre[0]), float(centre[1]), float(centre[2])),
+        frame_of_reference_uid=str(roi.frame_of_reference_uid),
+        malignancy=malignancy,
+        semantic=semantic,
+        algorithm_name=_group_text(group, _ALGORITHM_NAME),
+        algorithm_version=_group_text(group, _ALGORITHM_VERSION),
+    )
+
+
+def read_measurement_report(source: str | Path | pydicom.Dataset) -> list[ReadNodule]:
+    """Read the nodules of a TID 1500 report written by :func:`build_measurement_report`.
+
+    Args:
+        source: a file path or a dataset (Comprehensive 3D SR).
+
+    Returns:
+        One :class:`ReadNodule` per planar ROI measurement group with a SCOORD3D region, in document
+        order.
+
+    Raises:
+        ValueError: the dataset is not a Comprehensive 3D SR with a TID 1500 root.
+    """
+    dataset = source if isinstance(source, pydicom.Dataset) else pydicom.dcmread(source)
+    document = hd.sr.Comprehensive3DSR.from_dataset(dataset, copy=True)
+    content = document.content
+    if not isinstance(content, hd.sr.MeasurementReport):
+        raise ValueError("the SR's root is not a TID 1500 Measurement Report")
+    groups = content.get_planar_roi_measurement_groups()
+    return [_read_group(group) for group in groups if isinstance(group.roi, hd.sr.ImageRegion3D)]

@@ -1,0 +1,336 @@
+"""The TID 1500 results SR: validity (dciodvfy, dsrdump), encoding, round trip, atomic writing."""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+import stat
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.valuerep import DS
+
+from deploy_app.dicom_io import write_dataset
+from deploy_app.findings import ModelInfo, NoduleResult, NoduleSeed, SeriesResult, SkippedSeed
+from deploy_app.seeds import build_seed_sr
+from deploy_app.sr import (
+    DEMO_SERIES_DESCRIPTION,
+    SR_SERIES_DESCRIPTION,
+    UNTRAINED_DEMO_WARNING,
+    build_measurement_report,
+    device_observer_uid,
+    read_measurement_report,
+)
+from scripts.vocabulary import FEATURES, PRIVATE_SCHEME
+from training.dicom_ct import CTGeometry, SyntheticPatient, write_ct_series
+
+GEOMETRY = CTGeometry(
+    shape=(12, 24, 28), pixel_spacing=(0.8, 0.7), slice_spacing=2.5, origin_lps=(-9.0, -8.0, -12.0)
+)
+MODEL = ModelInfo(name="lung_nodule_ct_semantic_clip", version="0.1.0", folds=5, calibrated=False)
+#: Enough nodules that every value of every feature (at most 4 per feature) is predicted once.
+N_NODULES = max(len(feature.values) for feature in FEATURES)
+OWN_TRACKING_UID = "1.2.826.0.1.3680043.8.498.1234567"
+
+
+def _require_tool(name: str) -> str:
+    """Path of a DICOM tool; skip when it is missing locally, fail when it is missing in CI."""
+    path = shutil.which(name)
+    if path is None:
+        if os.environ.get("CI"):
+            pytest.fail(f"{name} is required in CI (Debian packages dicom3tools / dcmtk)")
+        pytest.skip(f"{name} is not installed")
+    return path
+
+
+def semantic_probabilities(nodule_index: int, rng: np.random.Generator) -> dict[str, dict[str, float]]:
+    """Per feature: value ``nodule_index % n`` is the most probable; the probabilities sum to 1."""
+    semantic = {}
+    for feature in FEATURES:
+        raw = rng.uniform(0.0, 1.0, len(feature.values))
+        raw[nodule_index % len(feature.values)] = raw.sum() + 0.1
+        probabilities = raw / raw.sum()
+        semantic[feature.column] = {
+            v.name: float(p) for v, p in zip(feature.values, probabilities, strict=True)
+        }
+    return semantic
+
+
+def make_result(model: ModelInfo = MODEL, skipped: tuple[SkippedSeed, ...] = ()) -> SeriesResult:
+    rng = np.random.default_rng(7)
+    nodules = []
+    for k in range(N_NODULES):
+        seed = NoduleSeed(
+            position_lps=(-3.3 + 2.1 * k, 1.7 - 0.9 * k, -5.05 + 3.3 * k),
+            label=f"Nodule {k + 1}",
+            source=f"seeds.csv line {k + 2}",
+            tracking_uid=OWN_TRACKING_UID if k == 1 else None,
+        )
+        nodules.append(
+            NoduleResult(
+                seed=seed,
+                malignancy=float(rng.uniform(0.0, 1.0)),
+                malignancy_per_fold=tuple(float(x) for x in rng.uniform(0.0, 1.0, model.folds)),
+                semantic=semantic_probabilities(k, rng),
+                attention=(1.0 / 9.0,) * 9,
+            )
+        )
+    return SeriesResult(nodules=tuple(nodules), skipped=skipped, model=model)
+
+
+SKIPPED = (
+    SkippedSeed(
+        NoduleSeed((400.0, 0.0, 0.0), "Nodule 9", "seeds.csv line 10"),
+        "(400.0, 0.0, 0.0) mm LPS lies outside the scan",
+    ),
+)
+
+
+@pytest.fixture(scope="module")
+def ct(tmp_path_factory: pytest.TempPathFactory) -> list[pydicom.Dataset]:
+    folder = tmp_path_factory.mktemp("sr") / "ct"
+    volume = np.full(GEOMETRY.shape, -800.0)
+    written = write_ct_series(
+        volume, GEOMETRY, folder, patient=SyntheticPatient("SR-TEST"), uid_seed="sr-test"
+    )
+    return [pydicom.dcmread(path, stop_before_pixels=True) for path in written.files]
+
+
+@pytest.fixture(scope="module")
+def report_file(ct: list[pydicom.Dataset], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    demo = ModelInfo(MODEL.name, MODEL.version, MODEL.folds, MODEL.calibrated, untrained_demo=True)
+    sr = build_measurement_report(ct, make_result(demo, SKIPPED), institution_name="Test Hospital")
+    return write_dataset(sr, tmp_path_factory.mktemp("sr-out") / "out" / "sr.dcm")
+
+
+@pytest.fixture(scope="module")
+def seed_sr_file(ct: list[pydicom.Dataset], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    seeds = [nodule.seed for nodule in make_result().nodules]
+    return write_dataset(build_seed_sr(ct, seeds), tmp_path_factory.mktemp("seed-sr") / "seeds.dcm")
+
+
+@pytest.mark.parametrize("which", ["report_file", "seed_sr_file"])
+def test_dciodvfy_reports_no_error(which: str, request: pytest.FixtureRequest) -> None:
+    tool = _require_tool("dciodvfy")
+    path = request.getfixturevalue(which)
+    run = subprocess.run([tool, str(path)], capture_output=True, text=True, timeout=120)
+    lines = (run.stdout + run.stderr).splitlines()
+    errors = [line for line in lines if line.startswith("Error")]
+    warnings = sorted({line for line in lines if line.startswith("Warning")})
+    assert not errors, "\n".join(errors + warnings)
+    # the only expected warning: dciodvfy does not know the private coding scheme designator
+    assert all(PRIVATE_SCHEME in line for line in warnings), "\n".join(warnings)
+
+
+def test_dsrdump_shows_codes_and_probabilities(report_file: Path) -> None:
+    tool = _require_tool("dsrdump")
+    run = subprocess.run([tool, "+Pc", "+Pl", str(report_file)], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    text = run.stdout
+    result = make_result()
+    for expected in (
+        "Comprehensive 3D SR",
+        '(126000,DCM,"Imaging Measurement Report")',
+        '(169069000,SCT,"CT of chest")',
+        '(121007,DCM,"Device")',
+        '(121071,DCM,"Finding")=(27925004,SCT,"Nodule")',
+        '(363698007,SCT,"Finding Site")=(39607008,SCT,"Lung")',
+        '(111047,DCM,"Probability of cancer")',
+        '(111011,DCM,"Certainty of Feature")',
+        '(1,UCUM,"no units")',
+        "SCOORD3D",
+        "POINT",
+        PRIVATE_SCHEME,
+        UNTRAINED_DEMO_WARNING,
+        "1 nodule seed was not analysed",
+        "Nodule 9 (seeds.csv line 10)",
+        "PRELIMINARY",
+        "UNVERIFIED",
+        "PARTIAL",
+    ):
+        assert expected in text, expected
+    first = result.nodules[0]
+    assert f'="{DS(first.malignancy, auto_format=True)}" (1,UCUM,"no units")' in text
+    for feature in FEATURES:
+        value = feature.value(first.predicted_value(feature.column)[0])
+        code, name = value.code, feature.code
+        pair = (
+            f'({name.value},{name.scheme_designator},"{name.meaning}")='
+            f'({code.value},{code.scheme_designator},"{code.meaning}")'
+        )
+        assert f"contains CODE:{pair}" in text, pair
+        assert f"has concept mod CODE:{pair}" in text, pair
+
+
+def test_round_trip_gives_back_every_value(report_file: Path, ct: list[pydicom.Dataset]) -> None:
+    result = make_result()
+    nodules = read_measurement_report(report_file)
+    assert [n.label for n in nodules] == [r.seed.label for r in result.nodules]
+    uids = [n.tracking_uid for n in nodules]
+    assert uids[1] == OWN_TRACKING_UID
+    assert len(set(uids)) == len(uids)
+    for read, expected in zip(nodules, result.nodules, strict=True):
+        np.testing.assert_allclose(read.position_lps, expected.seed.position_lps, atol=1e-4)  # FL
+        assert read.frame_of_reference_uid == ct[0].FrameOfReferenceUID
+        assert read.malignancy == pytest.approx(expected.malignancy, abs=1e-12)
+        assert read.algorithm_name == MODEL.name
+        assert read.algorithm_version == MODEL.version
+        assert set(read.semantic) == {feature.column for feature in FEATURES}
+        for feature in FEATURES:
+            value, probability = expected.predicted_value(feature.column)
+            got = read.semantic[feature.column]
+            assert got.value == value
+            assert got.code == feature.value(value).code
+            assert got.probability == pytest.approx(probability, abs=1e-12)
+    predicted = {(f.column, n.semantic[f.column].value) for n in nodules for f in FEATURES}
+    assert predicted == {(f.column, v.name) for f in FEATURES for v in f.values}
+
+
+def test_seed_sr_reads_back_without_findings(seed_sr_file: Path, ct: list[pydicom.Dataset]) -> None:
+    nodules = read_measurement_report(seed_sr_file)
+    expected = [nodule.seed for nodule in make_result().nodules]
+    assert [n.label for n in nodules] == [s.label for s in expected]
+    positions = [n.position_lps for n in nodules]
+    np.testing.assert_allclose(positions, [s.position_lps for s in expected], atol=1e-4)
+    assert all(n.malignancy is None and not n.semantic and n.algorithm_name is None for n in nodules)
+    ds = pydicom.dcmread(seed_sr_file)
+    assert (ds.CompletionFlag, ds.StudyInstanceUID) == ("COMPLETE", ct[0].StudyInstanceUID)
+
+
+def test_header_copies_patient_and_study_and_references_every_ct_instance(
+    report_file: Path, ct: list[pydicom.Dataset]
+) -> None:
+    ds = pydicom.dcmread(report_file)
+    assert ds.SOPClassUID == pydicom.uid.Comprehensive3DSRStorage
+    for keyword in (
+        "PatientID",
+        "PatientName",
+        "StudyInstanceUID",
+        "StudyDate",
+        "StudyID",
+        "AccessionNumber",
+    ):
+        assert ds.get(keyword) == ct[0].get(keyword), keyword
+    assert ds.SeriesInstanceUID != ct[0].SeriesInstanceUID
+    assert ds.Modality == "SR"
+    assert ds.SeriesNumber == 901
+    assert ds.InstitutionName == "Test Hospital"
+    assert ds.SeriesDescription == DEMO_SERIES_DESCRIPTION
+    assert (ds.CompletionFlag, ds.VerificationFlag, ds.PreliminaryFlag) == (
+        "PARTIAL",
+        "UNVERIFIED",
+        "PRELIMINARY",
+    )
+    evidence = ds.CurrentRequestedProcedureEvidenceSequence
+    assert [item.StudyInstanceUID for item in evidence] == [ct[0].StudyInstanceUID]
+    series = evidence[0].ReferencedSeriesSequence
+    assert [item.SeriesInstanceUID for item in series] == [ct[0].SeriesInstanceUID]
+    referenced = {item.ReferencedSOPInstanceUID for item in series[0].ReferencedSOPSequence}
+    assert referenced == {d.SOPInstanceUID for d in ct}
+    assert [item.CodingSchemeDesignator for item in ds.CodingSchemeIdentificationSequence] == [PRIVATE_SCHEME]
+
+
+def test_complete_trained_report(ct: list[pydicom.Dataset]) -> None:
+    calibrated = ModelInfo(MODEL.name, "1.2.0", folds=5, calibrated=True)
+    sr = build_measurement_report(ct, make_result(calibrated), series_number=7, instance_number=3)
+    assert (sr.CompletionFlag, sr.SeriesDescription) == ("COMPLETE", SR_SERIES_DESCRIPTION)
+    assert (sr.SeriesNumber, sr.InstanceNumber) == (7, 3)
+    texts = [str(item.get("TextValue", "")) for item in _all_items(sr)]
+    assert not any(UNTRAINED_DEMO_WARNING in text for text in texts)
+    assert any("calibrated" in text and "1.2.0" in text for text in texts)
+    derivations = [item for item in _all_items(sr) if _concept_value(item) == "121401"]
+    assert not derivations  # a calibrated probability is not a mean of folds
+
+
+def _concept_value(item: pydicom.Dataset) -> str:
+    sequence = item.get("ConceptNameCodeSequence")
+    return str(sequence[0].CodeValue) if sequence else ""
+
+
+def _all_items(ds: pydicom.Dataset) -> list[pydicom.Dataset]:
+    items = []
+    for item in ds.get("ContentSequence", []):
+        items.append(item)
+        items.extend(_all_items(item))
+    return items
+
+
+def test_deterministic_uids(ct: list[pydicom.Dataset]) -> None:
+    kwargs = {"series_instance_uid": "1.2.3.4", "sop_instance_uid": "1.2.3.5"}
+    first = read_measurement_report(build_measurement_report(ct, make_result(), **kwargs))
+    second = read_measurement_report(build_measurement_report(ct, make_result(), **kwargs))
+    assert [n.tracking_uid for n in first] == [n.tracking_uid for n in second]
+    assert device_observer_uid("a", "1") == device_observer_uid("a", "1") != device_observer_uid("a", "2")
+
+
+def test_missing_type2_attributes_of_the_ct_are_tolerated(ct: list[pydicom.Dataset]) -> None:
+    stripped = [copy.deepcopy(d) for d in ct]
+    for keyword in ("PatientBirthDate", "AccessionNumber", "ReferringPhysicianName", "PatientSex"):
+        delattr(stripped[0], keyword)
+    sr = build_measurement_report(stripped, make_result())
+    assert sr.PatientID == ct[0].PatientID
+    assert "PatientBirthDate" not in stripped[0]  # the caller's datasets are left alone
+
+
+def _with_nodule(result: SeriesResult, **changes: object) -> SeriesResult:
+    first = result.nodules[0]
+    fields = {
+        "seed": first.seed,
+        "malignancy": first.malignancy,
+        "malignancy_per_fold": first.malignancy_per_fold,
+        "semantic": first.semantic,
+        "attention": first.attention,
+    }
+    fields.update(changes)
+    return SeriesResult((NoduleResult(**fields),), result.skipped, result.model)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"malignancy": 1.5}, "probability"),
+        ({"semantic": {"nodule_colour": {"Red": 1.0}}}, "unknown semantic feature"),
+        ({"semantic": {"cavitation": {"Maybe": 1.0}}}, "unknown value"),
+    ],
+)
+def test_bad_results_are_refused(ct: list[pydicom.Dataset], change: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        build_measurement_report(ct, _with_nodule(make_result(), **change))
+
+
+def test_no_nodule_or_mixed_series_are_refused(ct: list[pydicom.Dataset]) -> None:
+    with pytest.raises(ValueError, match="no analysed nodule"):
+        build_measurement_report(ct, SeriesResult((), SKIPPED, MODEL))
+    other = copy.deepcopy(ct[0])
+    other.SeriesInstanceUID = "1.2.3.999"
+    with pytest.raises(ValueError, match="SeriesInstanceUID"):
+        build_measurement_report([*ct[1:], other], make_result())
+
+
+def test_write_dataset_is_atomic_and_honours_the_umask(
+    ct: list[pydicom.Dataset], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sr = build_measurement_report(ct, make_result())
+    target = tmp_path / "sr.dcm"
+    old_umask = os.umask(0o022)
+    try:
+        write_dataset(sr, target)
+    finally:
+        os.umask(old_umask)
+    assert stat.S_IMODE(target.stat().st_mode) == 0o644
+    assert pydicom.dcmread(target).SOPInstanceUID == sr.SOPInstanceUID
+    before = target.read_bytes()
+
+    def fail(*args: object, **kwargs: object) -> None:
+        raise OSError("disk full")
+
+    broken = build_measurement_report(ct, make_result())
+    monkeypatch.setattr(broken, "save_as", fail)
+    with pytest.raises(OSError, match="disk full"):
+        write_dataset(broken, target)
+    assert target.read_bytes() == before  # the old file is intact
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sr.dcm"]  # no temporary file left
