@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -58,6 +59,26 @@ def test_training_runs_two_epochs_and_keeps_both_best_checkpoints(trained: dict)
     assert list((trained["root"] / "runs").glob("events.out.tfevents.*")), "no TensorBoard events written"
     state = torch.load(models / "best_loss.pt", map_location="cpu", weights_only=True)
     assert any("lora_A" in k for k in state)  # a single-entry save_dict is saved bare
+
+
+def test_an_interrupted_training_resumes_after_its_last_epoch(trained: dict, tmp_path: Path) -> None:
+    run_root = tmp_path / "run"
+    shutil.copytree(trained["root"], run_root)
+    state = torch.load(run_root / "models" / "last.pt", map_location="cpu", weights_only=True)
+    assert state["epoch"] == 2 and len(state["savers"]) == 2 and state["early_stop"] is not None
+    result = bundle_command(
+        "run", "--config_file", "configs/train.json", "--meta_file", "configs/metadata.json",
+        "--bundle_root", str(run_root), "--dataset_csv", str(trained["csv"]),
+        "--split_dir", str(trained["csv"].parent / "splits"), "--pretrained", "none", "--epochs", "3", *TINY,
+    )  # fmt: skip
+    log = result.stdout + result.stderr
+    assert "after epoch 2" in log
+    assert "Epoch[3] Complete" in log and "Epoch[1] Complete" not in log
+    resumed = torch.load(run_root / "models" / "last.pt", map_location="cpu", weights_only=True)
+    assert resumed["epoch"] == 3
+    before, after = state["early_stop"], resumed["early_stop"]
+    improved = after["best_score"] > before["best_score"]
+    assert after["counter"] == (0 if improved else before["counter"] + 1)  # the counter was restored
 
 
 def test_evaluate_writes_metrics(trained: dict) -> None:

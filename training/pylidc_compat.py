@@ -31,7 +31,7 @@ def import_pylidc() -> Any:
     for name, alias in _NUMPY_ALIASES.items():
         if not hasattr(np, name):
             setattr(np, name, alias)
-    if importlib.util.find_spec("pkg_resources") is None and "pkg_resources" not in sys.modules:
+    if "pkg_resources" not in sys.modules and importlib.util.find_spec("pkg_resources") is None:
         stand_in = types.ModuleType("pkg_resources")
         stand_in.resource_filename = _resource_filename  # type: ignore[attr-defined]
         sys.modules["pkg_resources"] = stand_in

@@ -8,6 +8,7 @@ raises one :class:`~scripts.errors.UserInputError` that lists them with line and
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -21,7 +22,18 @@ from scripts.errors import UserInputError
 from scripts.report_text import read_report_file
 from scripts.vocabulary import COLUMN_ALIASES, FEATURES, SIZE_COLUMNS, SUSPICION_COLUMN
 
-__all__ = ["LABEL_COLUMN", "REQUIRED_COLUMNS", "NoduleRecord", "read_cohort", "read_split", "select"]
+__all__ = [
+    "LABEL_COLUMN",
+    "REQUIRED_COLUMNS",
+    "CohortSummary",
+    "NoduleRecord",
+    "read_cohort",
+    "read_split",
+    "select",
+    "validate_cohort",
+]
+
+logger = logging.getLogger(__name__)
 
 COORD_COLUMNS = ("coordX", "coordY", "coordZ")
 REQUIRED_COLUMNS = ("pid", "nodule_id", "image_path", *COORD_COLUMNS)
@@ -143,6 +155,49 @@ def read_cohort(
         UserInputError: The file is missing, empty or has any invalid row; the message lists every
             problem with its line number and column.
     """
+    parsed = _parse_cohort(csv_path, require_label=require_label, check_images=check_images)
+    if parsed.problems:
+        raise _problems_error(parsed.name, "the cohort CSV", [text for _, text in parsed.problems])
+    if not parsed.records:  # no problems and no records: only blank lines after the header
+        raise UserInputError(f"{parsed.name}: the cohort CSV has a header but no rows")
+    return parsed.records
+
+
+def _problems_error(name: str, what: str, problems: list[str]) -> UserInputError:
+    """One error listing ``problems`` (the first :data:`_MAX_LISTED` of them)."""
+    listed = problems[:_MAX_LISTED]
+    more = f"\n  ... and {len(problems) - _MAX_LISTED} more" if len(problems) > _MAX_LISTED else ""
+    return UserInputError(f"{name}: {len(problems)} problem(s) in {what}:\n  " + "\n  ".join(listed) + more)
+
+
+@dataclass(frozen=True)
+class _RowRef:
+    """What a row names, even when the row has problems (for the image, seed and split checks)."""
+
+    line: int
+    pid: str | None
+    nodule_id: str | None
+    image: str | None
+    image_path: Path | None
+    seed_lps: tuple[float, float, float] | None
+
+
+@dataclass
+class _ParsedCohort:
+    """A parsed cohort CSV: valid records, every problem as (line, message), and every row's refs."""
+
+    name: str
+    records: list[NoduleRecord]
+    problems: list[tuple[int, str]]
+    rows: list[_RowRef]
+
+
+def _parse_cohort(csv_path: str | Path, *, require_label: bool, check_images: bool) -> _ParsedCohort:
+    """Parse every row of a cohort CSV, collecting problems instead of raising on them.
+
+    Raises:
+        UserInputError: The file is missing, empty or not a CSV (nothing to parse).
+    """
     path = Path(csv_path).expanduser()
     if not path.is_file():
         raise UserInputError(f"cohort CSV '{path}' does not exist or is not a file")
@@ -150,13 +205,17 @@ def read_cohort(
     name = path.name
     required = REQUIRED_COLUMNS + ((LABEL_COLUMN,) if require_label else ())
     missing = [c for c in required if c not in table.columns]
-    problems: list[str] = []
+    problems: list[tuple[int, str]] = []
     if missing:
         problems.append(
-            f"{name}: line 1: missing required column(s): {', '.join(missing)}; the header has: "
-            f"{', '.join(table.columns) or '(nothing)'}"
+            (
+                1,
+                f"{name}: line 1: missing required column(s): {', '.join(missing)}; the header has: "
+                f"{', '.join(table.columns) or '(nothing)'}",
+            )
         )
     records: list[NoduleRecord] = []
+    refs: list[_RowRef] = []
     first_line: dict[tuple[str, str], int] = {}
     base = path.parent
     for index, row in table.iterrows():
@@ -223,8 +282,10 @@ def read_cohort(
                 )
             else:
                 first_line[key] = line
+        seed = (coords[0], coords[1], coords[2]) if len(coords) == 3 and None not in coords else None
+        refs.append(_RowRef(line, pid, nodule_id, image, image_path, seed))  # type: ignore[arg-type]
         if row_problems or missing:
-            problems.extend(row_problems)
+            problems.extend((line, text) for text in row_problems)
             continue
         records.append(
             NoduleRecord(
@@ -239,15 +300,7 @@ def read_cohort(
                 line=line,
             )
         )
-    if problems:
-        listed = problems[:_MAX_LISTED]
-        more = f"\n  ... and {len(problems) - _MAX_LISTED} more" if len(problems) > _MAX_LISTED else ""
-        raise UserInputError(
-            f"{name}: {len(problems)} problem(s) in the cohort CSV:\n  " + "\n  ".join(listed) + more
-        )
-    if not records:  # no problems and no records: only blank lines after the header
-        raise UserInputError(f"{name}: the cohort CSV has a header but no rows")
-    return records
+    return _ParsedCohort(name=name, records=records, problems=problems, rows=refs)
 
 
 def _read_pids(path: Path) -> set[str]:
@@ -305,3 +358,215 @@ def select(records: Iterable[NoduleRecord], pids: Iterable[str]) -> list[NoduleR
     """
     wanted = set(pids)
     return [record for record in records if record.pid in wanted]
+
+
+# --------------------------------------------------------------------------------------------------
+# full validation before training: rows, images, seeds and splits, every problem at once
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CohortSummary:
+    """What :func:`validate_cohort` checked and found fine.
+
+    Attributes:
+        csv_path: The cohort CSV.
+        rows: Nodule rows.
+        patients: Distinct patients.
+        labels: ``{"0": n, "1": n, "unlabelled": n}``.
+        images: Distinct images the rows name.
+        images_checked: Whether every image was loaded and every seed checked against it.
+        folds: Per checked fold ``(k, train patients, val patients)``.
+    """
+
+    csv_path: Path
+    rows: int
+    patients: int
+    labels: dict[str, int]
+    images: int
+    images_checked: bool
+    folds: tuple[tuple[int, int, int], ...] = ()
+
+    def __str__(self) -> str:
+        labels = f"labels 0: {self.labels['0']}, 1: {self.labels['1']}"
+        if self.labels.get("unlabelled"):
+            labels += f", unlabelled: {self.labels['unlabelled']}"
+        images = (
+            f"{self.images} image(s) load and every seed lies inside its image"
+            if self.images_checked
+            else f"{self.images} image(s) not checked"
+        )
+        text = f"{self.csv_path.name}: OK: {self.rows} rows, {self.patients} patients, {labels}; {images}"
+        if self.folds:
+            text += "; " + ", ".join(f"fold_{k}: {t} train / {v} val patients" for k, t, v in self.folds)
+        return text
+
+
+def _lines_text(lines: list[int]) -> str:
+    shown = ", ".join(map(str, lines[:10])) + (f" (+{len(lines) - 10} more)" if len(lines) > 10 else "")
+    return f"line {shown}" if len(lines) == 1 else f"lines {shown}"
+
+
+def _image_problems(name: str, rows: list[_RowRef]) -> list[tuple[int, str]]:
+    """Load every distinct image once and check each row's seed against it.
+
+    The seed check is the bundle crop's own (:class:`~scripts.transforms.SeedROICrop` decides
+    "outside the scan"); a 2-sample crop keeps it cheap.
+    """
+    from tqdm import tqdm
+
+    from scripts.transforms import LoadCT, SeedROICrop  # torch and MONAI: only when images are checked
+
+    by_image: dict[Path, list[_RowRef]] = {}
+    for ref in rows:
+        if ref.image_path is not None:
+            by_image.setdefault(ref.image_path, []).append(ref)
+    loader, seed_check = LoadCT(), SeedROICrop(roi_size=2)
+    problems: list[tuple[int, str]] = []
+    for image_path, refs in tqdm(by_image.items(), desc="checking images", unit="image"):
+        lines = [ref.line for ref in refs]
+        try:
+            image = loader(image_path)
+        except UserInputError as error:
+            where = f"{name}: {_lines_text(lines)}: column 'image_path' ('{refs[0].image}')"
+            # first line only: some readers fold a whole traceback into their message
+            first_line = str(error).strip().splitlines()[0]
+            problems.append((lines[0], f"{where}: {first_line}"))
+            continue
+        for ref in refs:
+            if ref.seed_lps is None:
+                continue  # already reported as a row problem
+            try:
+                seed_check(image, np.asarray(ref.seed_lps), pid=ref.pid, nodule_id=ref.nodule_id)
+            except UserInputError as error:
+                problems.append((ref.line, f"{name}: line {ref.line}: {error}"))
+        del image  # one volume in memory at a time
+    return problems
+
+
+def _pid_lines(path: Path) -> dict[str, int]:
+    """Patient id -> first line in a split file (validated as :func:`read_split` does)."""
+    _read_pids(path)
+    table = pd.read_csv(path, dtype=str, skip_blank_lines=False)
+    table.columns = [str(c).strip() for c in table.columns]
+    lines: dict[str, int] = {}
+    for index, value in table["pid"].items():
+        if isinstance(value, str) and value.strip():
+            lines.setdefault(value.strip(), int(index) + 2)  # type: ignore[call-overload]
+    return lines
+
+
+def _split_problems(
+    split_dir: Path, fold: int | None, csv_pids: set[str], csv_name: str
+) -> tuple[list[str], list[tuple[int, int, int]]]:
+    """Check one fold (or every ``fold_*`` when ``fold`` is None) against the CSV's patients."""
+    folder = Path(split_dir).expanduser()
+    if not folder.is_dir():
+        return [f"split folder '{folder}' does not exist (expected fold_k/train_pid.csv, val_pid.csv)"], []
+    if fold is None:
+        folds = sorted(int(p.name[5:]) for p in folder.glob("fold_*") if p.is_dir() and p.name[5:].isdigit())
+        if not folds:
+            return [f"split folder '{folder}' has no fold_k folders"], []
+    else:
+        folds = [int(fold)]
+    problems: list[str] = []
+    counts: list[tuple[int, int, int]] = []
+    for k in folds:
+        fold_dir = folder / f"fold_{k}"
+        if not fold_dir.is_dir():
+            problems.append(f"split folder '{fold_dir}' does not exist (expected train_pid.csv, val_pid.csv)")
+            continue
+        sides: dict[str, dict[str, int]] = {}
+        for side in ("train", "val"):
+            file = fold_dir / f"{side}_pid.csv"
+            try:
+                sides[side] = _pid_lines(file)
+            except UserInputError as error:
+                problems.append(str(error))
+                continue
+            unknown = [(pid, line) for pid, line in sides[side].items() if pid not in csv_pids]
+            if unknown:
+                shown = ", ".join(f"line {line} '{pid}'" for pid, line in unknown[:10])
+                more = " ..." if len(unknown) > 10 else ""
+                problems.append(f"{file}: {len(unknown)} patient id(s) not in {csv_name}: {shown}{more}")
+        if len(sides) < 2:
+            continue
+        both = sorted(set(sides["train"]) & set(sides["val"]))
+        if both:
+            shown = ", ".join(
+                f"'{pid}' (train_pid.csv line {sides['train'][pid]}, val_pid.csv line {sides['val'][pid]})"
+                for pid in both[:10]
+            )
+            problems.append(
+                f"split '{fold_dir}': {len(both)} patient(s) in both train and val: {shown}"
+                + (" ..." if len(both) > 10 else "")
+            )
+        else:
+            counts.append((k, len(sides["train"]), len(sides["val"])))
+    return problems, counts
+
+
+def validate_cohort(
+    csv_path: str | Path,
+    *,
+    split_dir: str | Path | None = None,
+    fold: int | None = None,
+    check_images: bool = True,
+    require_label: bool = True,
+) -> CohortSummary:
+    """Check a cohort before any training, reporting every problem at once.
+
+    Checks: required columns; every row's values (allowed semantic values, numeric coordinates,
+    0/1 labels, sizes, duplicates: as :func:`read_cohort`); with ``check_images`` that every image
+    exists and loads (each distinct image once, NIfTI file or DICOM series folder) and every seed
+    lies inside its image (the crop's own test); with ``split_dir`` that the split files are
+    readable, their patients are in the CSV and no patient is in both train and val.
+
+    Args:
+        csv_path: The cohort CSV.
+        split_dir: Folder with ``fold_k/{train,val}_pid.csv``, or ``None``.
+        fold: The fold to check; ``None`` checks every ``fold_*`` of ``split_dir``.
+        check_images: Load the images and check the seeds (slow for large cohorts).
+        require_label: Require a 0/1 ``malignant`` on every row.
+
+    Returns:
+        The summary (also logged at INFO).
+
+    Raises:
+        UserInputError: Listing every problem with its file and line.
+    """
+    parsed = _parse_cohort(csv_path, require_label=require_label, check_images=False)
+    name = parsed.name
+    if not parsed.rows and not parsed.problems:  # the split would only add "pid not in the CSV" noise
+        raise UserInputError(f"{name}: the cohort CSV has a header but no rows")
+    problems = list(parsed.problems)
+    if check_images:
+        problems.extend(_image_problems(name, parsed.rows))
+    problems.sort(key=lambda item: item[0])  # stable: row order, then check order
+    texts = [text for _, text in problems]
+    folds: list[tuple[int, int, int]] = []
+    if split_dir is not None:
+        csv_pids = {ref.pid for ref in parsed.rows if ref.pid is not None}
+        split_texts, folds = _split_problems(Path(split_dir), fold, csv_pids, name)
+        texts.extend(split_texts)
+    if texts:
+        raise _problems_error(name, "the cohort", texts)
+    if not parsed.records:
+        raise UserInputError(f"{name}: the cohort CSV has a header but no rows")
+    records = parsed.records
+    labels = {
+        "0": sum(r.label == 0 for r in records),
+        "1": sum(r.label == 1 for r in records),
+        "unlabelled": sum(r.label is None for r in records),
+    }
+    summary = CohortSummary(
+        csv_path=Path(csv_path).expanduser(),
+        rows=len(records),
+        patients=len({r.pid for r in records}),
+        labels=labels,
+        images=len({r.image_path for r in records}),
+        images_checked=check_images,
+        folds=tuple(folds),
+    )
+    logger.info("%s", summary)
+    return summary

@@ -282,6 +282,20 @@ def _plain(image: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------------
 
 
+def _image_kind(file: Path) -> str:
+    if file.is_dir():
+        return "a DICOM series"
+    return "a NIfTI file" if file.name.lower().endswith(_NIFTI_SUFFIXES) else "an image"
+
+
+def _root_cause(error: BaseException) -> str:
+    """First line of the innermost error: MONAI folds every reader's traceback into its message."""
+    while error.__cause__ is not None:
+        error = error.__cause__
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+
+
 class LoadCT(Transform):
     """Load a CT volume as float32 HU ``(1, X, Y, Z)`` MetaTensor with a voxel -> RAS affine.
 
@@ -333,9 +347,8 @@ class LoadCT(Transform):
         try:
             image = loader(str(file))
         except Exception as error:  # the readers raise many kinds; all mean "cannot read this"
-            kind = "DICOM series" if file.is_dir() else "image"
             raise UserInputError(
-                f"image {file}: cannot read it as a {kind} ({type(error).__name__}: {error})"
+                f"image {file}: cannot read it as {_image_kind(file)} ({_root_cause(error)})"
             ) from error
         shape = tuple(image.shape)
         if len(shape) != 4 or shape[0] != 1 or min(shape[1:]) < 2:
