@@ -84,3 +84,20 @@ class SeriesResult:
     nodules: tuple[NoduleResult, ...]
     skipped: tuple[SkippedSeed, ...]
     model: ModelInfo
+
+
+def results_table(result: SeriesResult, top: int = 3) -> str:
+    """A plain-text table: nodule, seed position, probability of cancer and the most certain findings."""
+    lines = [f"{'nodule':<12} {'seed LPS (mm)':<26} {'P(cancer)':>9}  top findings (probability)"]
+    for nodule in result.nodules:
+        x, y, z = nodule.seed.position_lps
+        findings = sorted(
+            (nodule.predicted_value(column) + (column,) for column in nodule.semantic),
+            key=lambda item: -item[1],
+        )[:top]
+        shown = "; ".join(f"{column}: {value} ({p:.2f})" for value, p, column in findings)
+        position = f"({x:7.1f}, {y:7.1f}, {z:7.1f})"
+        lines.append(f"{nodule.seed.label:<12} {position:<26} {nodule.malignancy:>9.3f}  {shown}")
+    for skipped in result.skipped:
+        lines.append(f"{skipped.seed.label:<12} skipped ({skipped.seed.source}): {skipped.reason}")
+    return "\n".join(lines)

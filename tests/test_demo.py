@@ -1,4 +1,4 @@
-"""``make demo`` at this stage: bundle inference and export on a synthetic study, clearly untrained."""
+"""``make demo``: a phantom DICOM study through the deploy app to an SR and a report, clearly untrained."""
 
 from __future__ import annotations
 
@@ -6,22 +6,25 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pandas as pd
-
 from conftest import REPO_ROOT
+from deploy_app.sr import read_measurement_report
 
 
 def test_demo_runs_end_to_end_and_says_it_is_untrained(tmp_path: Path) -> None:
+    output = tmp_path / "demo_output"
     result = subprocess.run(
-        [sys.executable, "-m", "training.demo", "--output", str(tmp_path)],
+        [sys.executable, "-m", "training.demo", "--output", str(output)],
         cwd=REPO_ROOT,
         capture_output=True,
         text=True,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("UNTRAINED DEMO MODEL") == 2
-    predictions = pd.read_csv(tmp_path / "predictions.csv")
-    assert len(predictions) == 3
-    assert (tmp_path / "models" / "model.ts").is_file()
-    for row in predictions.itertuples():
-        assert f"{row.pid}/{row.nodule_id}" in result.stdout
+    reports = list((output / "results").glob("*/sr.dcm"))
+    assert len(reports) == 1
+    nodules = read_measurement_report(reports[0])
+    assert [n.label for n in nodules] == ["Nodule 1", "Nodule 2", "Nodule 3"]
+    for nodule in nodules:
+        assert nodule.label in result.stdout and f"{nodule.malignancy:.3f}" in result.stdout
+    assert (reports[0].parent / "report.pdf").read_bytes().startswith(b"%PDF")
+    assert "Traceback" not in result.stderr

@@ -1,89 +1,70 @@
-"""``make demo``: the bundle's inference on a synthetic CT with an UNTRAINED tiny model.
+"""``make demo``: a phantom CT study through the deploy app to a DICOM SR and a PDF report.
 
-Writes a phantom CT with three nodules, a randomly initialised tiny network, runs the bundle's
-``inference.json`` (seed -> ROI -> nine planes -> network -> zero-shot findings) and its export,
-and prints a table. The numbers show the pipeline works end to end; they mean nothing clinically.
+Writes a DICOM CT phantom with three nodules and a seeds SR (as a PACS would send them), builds the
+demo bundle, runs the MONAI Deploy application on the study and prints one line per nodule. The
+results are left in ``demo_output/``: ``input/`` (the study), ``bundle/`` and ``results/<series>/``
+(``sr.dcm``, ``report_pdf.dcm``, ``report.pdf``, ``nodule_<n>_sc.dcm``).
+
+Until a project-trained demo model ships, the bundle holds a tiny UNTRAINED model: the pipeline runs
+end to end, the numbers mean nothing, and the output, the SR and the report all say so.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
+import shutil
+import sys
 from pathlib import Path
 
-import pandas as pd
-import torch
-from monai.bundle import ConfigParser
+os.environ.setdefault("HOLOSCAN_LOG_LEVEL", "WARN")  # before holoscan is imported
 
-from training.bundle_path import use_bundle
-from training.synthetic import write_synthetic_cohort
+from deploy_app.app import process_folder  # noqa: E402
+from deploy_app.findings import results_table  # noqa: E402
+from deploy_app.inference import BundleModels  # noqa: E402
+from training.bundle_path import use_bundle  # noqa: E402
+from training.demo_bundle import build_untrained_bundle  # noqa: E402
+from training.demo_study import write_demo_study  # noqa: E402
 
-BUNDLE = use_bundle()
+use_bundle()
 from scripts.errors import exit_on_user_error  # noqa: E402
-from scripts.network import SemanticCLIP  # noqa: E402
-from scripts.vocabulary import FEATURE_BY_COLUMN  # noqa: E402
 
-MODEL_NAME = "lnsc-tiny-vit"
-SHOWN_FEATURES = ("nodule_consistency", "nodule_margins", "nodule_shape", "pleural_attachment")
 BANNER = "UNTRAINED DEMO MODEL (random weights): outputs are meaningless. Research use only."
 
 
-def top_findings(row: pd.Series) -> str:
-    findings = []
-    for column in SHOWN_FEATURES:
-        values = {v.name: row[f"{column}={v.name}"] for v in FEATURE_BY_COLUMN[column].values}
-        name, probability = max(values.items(), key=lambda item: item[1])
-        findings.append(f"{FEATURE_BY_COLUMN[column].title}: {name} ({probability:.2f})")
-    return "; ".join(findings)
-
-
 @exit_on_user_error
-def run_demo(output_dir: Path) -> pd.DataFrame:
-    """Build the synthetic study, run bundle inference and export; returns the predictions."""
-    data_dir = output_dir / "data"
-    cohort = pd.read_csv(write_synthetic_cohort(data_dir, n_patients=1, nodules_per_patient=3, seed=7))
-    seeds_csv = data_dir / "seeds.csv"
-    cohort.drop(columns=["malignant"]).to_csv(seeds_csv, index=False)
-
-    torch.manual_seed(0)
-    checkpoint = output_dir / "models" / "untrained.pt"
-    checkpoint.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(SemanticCLIP(MODEL_NAME, tuning="lora").state_dict(), checkpoint)
-
-    parser = ConfigParser()
-    parser.read_config(str(BUNDLE / "configs" / "inference.json"))
-    parser.read_meta(str(BUNDLE / "configs" / "metadata.json"))
-    parser.update(
-        {
-            "bundle_root": str(output_dir),
-            "model_name": MODEL_NAME,
-            "checkpoint": str(checkpoint),
-            "dataset_csv": str(seeds_csv),
-            "output_csv": str(output_dir / "predictions.csv"),
-            "num_workers": 0,
-        }
-    )
-    parser.get_parsed_content("evaluator").run()
-    parser.get_parsed_content("export")
-    return pd.read_csv(output_dir / "predictions.csv").merge(cohort, on=["pid", "nodule_id"])
+def run_demo(output_dir: Path) -> int:
+    """Build the study and the bundle, run the app; returns the process exit code."""
+    if output_dir.exists():
+        shutil.rmtree(output_dir)
+    study = write_demo_study(output_dir / "input", n_nodules=3)
+    bundle = build_untrained_bundle(output_dir / "bundle", folds=1)
+    models = BundleModels.load(bundle)
+    if models.info.untrained_demo:
+        print(BANNER)
+    outcome = process_folder(output_dir / "input", output_dir / "results", models=models)
+    for failure in outcome.failures:
+        print(f"error: {failure.series}: {failure.message}", file=sys.stderr)
+    result = outcome.results.get(study.series.series_instance_uid)
+    if result is None:
+        return 1
+    print(f"\nCT series {study.series.series_instance_uid}: {len(result.nodules)} nodule(s) (seeds SR)")
+    print(results_table(result))
+    if models.info.untrained_demo:
+        print(f"\n{BANNER}")
+    folder = output_dir / "results" / study.series.series_instance_uid
+    print(f"\nStructured report: {folder / 'sr.dcm'}")
+    print(f"Readable report:   {folder / 'report.pdf'} (also as DICOM: {folder / 'report_pdf.dcm'})")
+    return 0
 
 
 def main() -> None:
     arguments = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    arguments.add_argument("--output", type=Path, default=Path("demo_output"))
+    arguments.add_argument("--output", type=Path, default=Path("demo_output"), help="replaced if it exists")
     args = arguments.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-
-    print(BANNER)
-    predictions = run_demo(args.output)
-    print(f"\n{'nodule':<10} {'seed LPS (mm)':<28} {'P(malignant)':>12}  top zero-shot findings")
-    for _, row in predictions.iterrows():
-        position = f"({row.coordX:.1f}, {row.coordY:.1f}, {row.coordZ:.1f})"
-        nodule = f"{row.pid}/{row.nodule_id}"
-        print(f"{nodule:<10} {position:<28} {row.malignancy_probability:>12.3f}  {top_findings(row)}")
-    print(f"\n{BANNER}")
-    print(f"Predictions: {args.output / 'predictions.csv'}")
-    print(f"Exported model: {args.output / 'models' / 'model.ts'}")
+    sys.exit(run_demo(args.output))
 
 
 if __name__ == "__main__":

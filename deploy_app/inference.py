@@ -1,0 +1,201 @@
+"""Semantic CLIP inference for the deploy app: every fold model of a bundle, all nodules in one batch.
+
+A deployable bundle holds its exported predictors as ``models/fold_<k>/model.ts`` (one per
+cross-validation fold) or a single ``models/model.ts``, and optionally ``models/calibration.json``
+(per-fold beta calibration). All folds stay in memory; the nodules of a series are preprocessed once
+with the bundle's own transforms and go through each fold as one batch. The malignancy probability
+is the mean of the folds' probabilities or, with calibrators, the mean of each fold's calibrated
+probability; semantic probabilities and attention weights are the mean over folds.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from monai.data import MetaTensor
+
+from deploy_app.findings import ModelInfo, NoduleResult, NoduleSeed
+from training.bundle_path import use_bundle
+
+use_bundle()
+from scripts.calibration import BetaCalibration, ensemble_probability, load_calibration  # noqa: E402
+from scripts.errors import UserInputError  # noqa: E402
+from scripts.export import load_exported  # noqa: E402
+from scripts.transforms import CLIPNormalize, nine_planes_for_seeds  # noqa: E402
+
+logger = logging.getLogger(__name__)
+
+MODELS_DIR = "models"
+CALIBRATION_FILE = "calibration.json"
+_FOLD_DIR = re.compile(r"fold_(\d+)$")
+
+
+def select_device(requested: str | None = None) -> torch.device:
+    """``requested`` when given, else the first CUDA GPU when one is present, else the CPU."""
+    if requested:
+        return torch.device(requested)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def find_exported_models(bundle_dir: Path) -> list[Path]:
+    """The bundle's exported predictors in fold order (``models/fold_<k>/model.ts`` or ``models/model.ts``).
+
+    Raises:
+        UserInputError: the folder is not a bundle with an exported model.
+    """
+    bundle_dir = Path(bundle_dir)
+    if not bundle_dir.is_dir():
+        raise UserInputError(f"model bundle folder '{bundle_dir}' does not exist or is not a folder")
+    models = bundle_dir / MODELS_DIR
+    folds = sorted(
+        (int(match.group(1)), path / "model.ts")
+        for path in models.glob("fold_*")
+        if (match := _FOLD_DIR.search(path.name)) and (path / "model.ts").is_file()
+    )
+    if folds:
+        return [path for _, path in folds]
+    if (models / "model.ts").is_file():
+        return [models / "model.ts"]
+    raise UserInputError(
+        f"'{bundle_dir}' has no exported model: expected {MODELS_DIR}/fold_<k>/model.ts or "
+        f"{MODELS_DIR}/model.ts "
+        "(export one with: python -m monai.bundle run export --config_file configs/inference.json ...)"
+    )
+
+
+def _bundle_identity(bundle_dir: Path) -> tuple[str, str]:
+    metadata = bundle_dir / "configs" / "metadata.json"
+    try:
+        content = json.loads(metadata.read_text())
+        return str(content["name"]), str(content["version"])
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise UserInputError(
+            f"'{metadata}' is missing or has no name/version ({error}); the SR must name the algorithm"
+        ) from error
+
+
+@dataclass
+class BundleModels:
+    """The fold predictors of one bundle, loaded once and kept on ``device``.
+
+    Args:
+        predictors: TorchScript predictors in fold order.
+        layout: ``{"columns": [{"feature", "value"}, ...], ...}`` shared by every fold.
+        calibrators: fold index -> beta calibration, or None.
+        info: bundle name, version, folds, calibration, demo flag.
+        device: where the predictors run.
+    """
+
+    predictors: list[torch.jit.ScriptModule]
+    layout: dict
+    calibrators: dict[int, BetaCalibration] | None
+    info: ModelInfo
+    device: torch.device
+
+    @classmethod
+    def load(cls, bundle_dir: str | Path, device: str | torch.device | None = None) -> BundleModels:
+        """Load every fold of ``bundle_dir`` (and its calibrators, when present)."""
+        bundle_dir = Path(bundle_dir)
+        paths = find_exported_models(bundle_dir)
+        name, version = _bundle_identity(bundle_dir)
+        device = select_device(str(device) if device else None)
+        predictors, layout, untrained = [], None, False
+        for path in paths:
+            try:
+                module, fold_layout, metadata = load_exported(path, device)
+            except (RuntimeError, ValueError) as error:
+                raise UserInputError(f"'{path}' is not a loadable exported model ({error})") from error
+            if layout is not None and fold_layout != layout:
+                raise UserInputError(f"'{path}' predicts other semantic outputs than '{paths[0]}'")
+            layout = fold_layout
+            untrained = untrained or bool(metadata.get("untrained_demo", False))
+            predictors.append(module)
+        calibration_path = bundle_dir / MODELS_DIR / CALIBRATION_FILE
+        calibrators = load_calibration(calibration_path) if calibration_path.is_file() else None
+        if calibrators is not None and sorted(calibrators) != list(range(len(predictors))):
+            raise UserInputError(
+                f"'{calibration_path}' calibrates folds {sorted(calibrators)} but the bundle has "
+                f"{len(predictors)} fold model(s); re-run the cross-validation export"
+            )
+        info = ModelInfo(
+            name=name,
+            version=version,
+            folds=len(predictors),
+            calibrated=calibrators is not None,
+            untrained_demo=untrained,
+        )
+        logger.info(
+            "model bundle %s %s: %d fold(s), %s, on %s",
+            name,
+            version,
+            info.folds,
+            "calibrated" if info.calibrated else "not calibrated",
+            device,
+        )
+        return cls(predictors, layout or {}, calibrators, info, device)
+
+    @torch.no_grad()
+    def predict(self, model_input: torch.Tensor) -> dict[str, np.ndarray]:
+        """Run every fold on a batch ``(N, 9, 3, 224, 224)``.
+
+        Returns:
+            ``malignancy`` (N,), ``malignancy_per_fold`` (folds, N), ``semantic`` (N, V) and
+            ``attention`` (N, 9), averaged over folds as described in the module docstring.
+        """
+        batch = model_input.to(self.device)
+        outputs = [predictor(batch) for predictor in self.predictors]
+        raw = np.stack([out["malignancy"].float().cpu().numpy() for out in outputs])
+        ensemble, _, calibrated = ensemble_probability(raw, self.calibrators)
+        return {
+            "malignancy": calibrated if calibrated is not None else ensemble,
+            "malignancy_per_fold": raw,
+            "semantic": torch.stack([o["semantic"].float() for o in outputs]).mean(0).cpu().numpy(),
+            "attention": torch.stack([o["attention"].float() for o in outputs]).mean(0).cpu().numpy(),
+        }
+
+    def semantic_by_feature(self, row: np.ndarray) -> dict[str, dict[str, float]]:
+        """One nodule's semantic output row -> ``{feature: {value: probability}}``."""
+        grouped: dict[str, dict[str, float]] = {}
+        for column, probability in zip(self.layout["columns"], row, strict=True):
+            grouped.setdefault(column["feature"], {})[column["value"]] = float(probability)
+        return grouped
+
+
+def analyse_nodules(
+    volume: MetaTensor, seeds: Sequence[NoduleSeed], models: BundleModels
+) -> list[NoduleResult]:
+    """Bundle preprocessing and every fold model for the seeds of one CT volume.
+
+    Args:
+        volume: (1, X, Y, Z) HU volume with a RAS affine (see :func:`deploy_app.volume.to_meta_tensor`).
+        seeds: nodules inside the volume.
+        models: the loaded bundle.
+
+    Returns:
+        one result per seed, in order.
+    """
+    if not seeds:
+        return []
+    model_input = nine_planes_for_seeds(
+        volume, [seed.position_lps for seed in seeds], nodule_ids=[seed.label for seed in seeds]
+    )
+    outputs = models.predict(model_input)
+    planes = CLIPNormalize().inverse(model_input).numpy()
+    return [
+        NoduleResult(
+            seed=seed,
+            malignancy=float(outputs["malignancy"][n]),
+            malignancy_per_fold=tuple(float(p) for p in outputs["malignancy_per_fold"][:, n]),
+            semantic=models.semantic_by_feature(outputs["semantic"][n]),
+            attention=tuple(float(a) for a in outputs["attention"][n]),
+            planes=planes[n],
+        )
+        for n, seed in enumerate(seeds)
+    ]

@@ -1,0 +1,320 @@
+"""The app's operators: thin wrappers that call the pure functions of the deploy_app modules.
+
+Each operator passes a list along, one entry per CT series, so every series of every study in the
+input is analysed in one run, and a :class:`~deploy_app.volume.SeriesFailure` travels with the
+others instead of stopping them. User mistakes become failures with a message; anything else is a
+bug and propagates.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from monai.deploy.core import Fragment, Operator, OperatorSpec
+from monai.deploy.operators import DICOMSeriesToVolumeOperator
+
+from deploy_app.dicom_io import write_dataset
+from deploy_app.findings import SeriesResult, SkippedSeed
+from deploy_app.inference import BundleModels, analyse_nodules
+from deploy_app.report import encapsulated_pdf, render_report_pdf, secondary_capture
+from deploy_app.seeds import DEFAULT_SOURCES, CTSeriesInfo, SeedSource, find_seeds
+from deploy_app.sr import build_measurement_report
+from deploy_app.volume import (
+    SeriesFailure,
+    SeriesGeometry,
+    SeriesVolume,
+    check_series_geometry,
+    describe_series,
+    to_meta_tensor,
+)
+from training.bundle_path import use_bundle
+
+use_bundle()
+from scripts.errors import UserInputError, find_user_error  # noqa: E402
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SeedsFound:
+    """A series with the seeds to analyse and those skipped."""
+
+    series: SeriesVolume
+    seeds: tuple
+    skipped: tuple[SkippedSeed, ...]
+
+
+@dataclass(frozen=True)
+class SeriesAnalysed:
+    """A series with its model results, ready for the writers."""
+
+    series: SeriesVolume
+    result: SeriesResult
+
+
+@dataclass
+class AppOutcome:
+    """What a run produced: written files per series and the failures (filled by the last operator)."""
+
+    written: dict[str, list[Path]] = field(default_factory=dict)
+    failures: list[SeriesFailure] = field(default_factory=list)
+    results: dict[str, SeriesResult] = field(default_factory=dict)
+
+    @property
+    def files(self) -> list[Path]:
+        return [path for paths in self.written.values() for path in paths]
+
+
+def _user_failure(series: str, error: BaseException) -> SeriesFailure:
+    user_error = find_user_error(error)
+    if user_error is None:
+        raise error
+    logger.error("%s: %s", series, user_error)
+    return SeriesFailure(series=series, message=str(user_error))
+
+
+class SeriesVolumesOperator(DICOMSeriesToVolumeOperator):
+    """The SDK's series-to-volume step for EVERY selected series, after checking its geometry.
+
+    Named input ``study_selected_series_list``; named output ``series_volumes`` (a list of
+    :class:`SeriesVolume` or :class:`SeriesFailure`).
+
+    Args:
+        min_slices: fewest slices a usable series has.
+    """
+
+    def __init__(self, fragment: Fragment, *args, min_slices: int = 16, **kwargs) -> None:
+        self.min_slices = min_slices
+        super().__init__(fragment, *args, **kwargs)
+
+    def setup(self, spec: OperatorSpec) -> None:
+        spec.input(self.input_name_series)
+        spec.output("series_volumes")
+
+    def compute(self, op_input, op_output, context) -> None:
+        selected = op_input.receive(self.input_name_series) or []
+        volumes: list[SeriesVolume | SeriesFailure] = []
+        for study_selection in selected:
+            for selected_series in study_selection.selected_series:
+                volumes.append(self.series_volume(selected_series.series, selected_series.selection_name))
+        if not volumes:
+            volumes.append(
+                SeriesFailure(
+                    "input", "no CT series in the input folder (Modality CT with pixel data is needed)"
+                )
+            )
+        op_output.emit(volumes, "series_volumes")
+
+    def series_volume(self, series, selection: str) -> SeriesVolume | SeriesFailure:
+        """Check one SDK DICOMSeries and convert it to the bundle's volume layout."""
+        instances = series.get_sop_instances()
+        headers = [instance.get_native_sop_instance() for instance in instances]
+        name = describe_series(headers[0]) if headers else f"series {series.SeriesInstanceUID}"
+        try:
+            geometry = check_series_geometry(headers, min_slices=self.min_slices)
+            self.prepare_series(series)
+            order = [i.get_native_sop_instance().SOPInstanceUID for i in series.get_sop_instances()]
+            if order != [d.SOPInstanceUID for d in geometry.datasets]:
+                raise RuntimeError(f"{name}: the SDK ordered the slices differently from the geometry check")
+            voxels = self._voxels(series, geometry, name)
+        except UserInputError as error:
+            return _user_failure(name, error)
+        logger.info(
+            "%s selected by rule '%s': CT, axial, %d slices of %dx%d",
+            name,
+            selection,
+            *geometry.shape,
+        )
+        return SeriesVolume(geometry=geometry, volume=to_meta_tensor(voxels, geometry), selection=selection)
+
+    def _voxels(self, series, geometry: SeriesGeometry, name: str):
+        try:
+            return self.generate_voxel_data(series)
+        except Exception as error:  # noqa: BLE001 - pinpoint the slice below, then report it
+            for dataset in geometry.datasets:
+                try:
+                    dataset.pixel_array  # noqa: B018 - decoding is the check
+                except Exception as slice_error:  # noqa: BLE001
+                    syntax = getattr(dataset.file_meta, "TransferSyntaxUID", None)
+                    raise UserInputError(
+                        f"{name}: instance {dataset.get('InstanceNumber', '?')} "
+                        f"({dataset.SOPInstanceUID}): pixel data cannot be decoded "
+                        f"(transfer syntax {getattr(syntax, 'name', syntax)}): {slice_error}; "
+                        "send it uncompressed or with a transfer syntax pydicom can decode"
+                    ) from error
+            raise
+
+
+class NoduleSeedsOperator(Operator):
+    """Nodule seeds for each series from the input folder (SR, SEG, seeds file, or a plugged detector).
+
+    Named input ``series_volumes``; named output ``series_seeds``.
+
+    Args:
+        input_folder: where the study's files are (seed SR/SEG/files live beside the CT).
+        sources: seed sources in order of precedence (an automatic detector is one more source).
+    """
+
+    def __init__(
+        self,
+        fragment: Fragment,
+        *args,
+        input_folder: Path,
+        sources: Sequence[SeedSource] = DEFAULT_SOURCES,
+        **kwargs,
+    ) -> None:
+        self.input_folder = Path(input_folder)
+        self.sources = tuple(sources)
+        super().__init__(fragment, *args, **kwargs)
+
+    def setup(self, spec: OperatorSpec) -> None:
+        spec.input("series_volumes")
+        spec.output("series_seeds")
+
+    def compute(self, op_input, op_output, context) -> None:
+        found: list[SeedsFound | SeriesFailure] = []
+        for item in op_input.receive("series_volumes"):
+            if isinstance(item, SeriesFailure):
+                found.append(item)
+                continue
+            try:
+                info = CTSeriesInfo.from_datasets(item.geometry.datasets)
+                seeds, skipped, source = find_seeds(self.input_folder, info, self.sources)
+            except UserInputError as error:
+                found.append(_user_failure(item.description, error))
+                continue
+            for skip in skipped:
+                logger.warning(
+                    "%s: skipped seed %s (%s): %s",
+                    item.description,
+                    skip.seed.label,
+                    skip.seed.source,
+                    skip.reason,
+                )
+            if not seeds:
+                found.append(
+                    SeriesFailure(item.description, f"all {len(skipped)} seed(s) from {source} were skipped")
+                )
+                continue
+            found.append(SeedsFound(series=item, seeds=tuple(seeds), skipped=tuple(skipped)))
+        op_output.emit(found, "series_seeds")
+
+
+class SemanticCLIPInferenceOperator(Operator):
+    """Bundle preprocessing and every fold model, all nodules of a series in one batch.
+
+    Named input ``series_seeds``; named output ``series_results``.
+
+    Args:
+        models: the loaded bundle (loaded once, before the graph runs).
+    """
+
+    def __init__(self, fragment: Fragment, *args, models: BundleModels, **kwargs) -> None:
+        self.models = models
+        super().__init__(fragment, *args, **kwargs)
+
+    def setup(self, spec: OperatorSpec) -> None:
+        spec.input("series_seeds")
+        spec.output("series_results")
+
+    def compute(self, op_input, op_output, context) -> None:
+        analysed: list[SeriesAnalysed | SeriesFailure] = []
+        for item in op_input.receive("series_seeds"):
+            if isinstance(item, SeriesFailure):
+                analysed.append(item)
+                continue
+            try:
+                nodules = analyse_nodules(item.series.volume, item.seeds, self.models)
+            except UserInputError as error:
+                analysed.append(_user_failure(item.series.description, error))
+                continue
+            result = SeriesResult(nodules=tuple(nodules), skipped=item.skipped, model=self.models.info)
+            analysed.append(SeriesAnalysed(series=item.series, result=result))
+        op_output.emit(analysed, "series_results")
+
+
+def _staging(output_folder: Path, name: str) -> Path:
+    output_folder.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(dir=output_folder, prefix=f".{name}.", suffix=".tmp"))
+
+
+class ReportWritersOperator(Operator):
+    """Write, per series, the TID 1500 SR, the encapsulated PDF report (+ the PDF itself) and
+    Secondary Capture montages into ``output_folder/<SeriesInstanceUID>/``, all or nothing.
+
+    Named input ``series_results``; the outcome is recorded in ``outcome``.
+
+    Args:
+        output_folder: where results go.
+        outcome: filled with the written files and the failures.
+        secondary_capture_images: also write one Secondary Capture montage per nodule.
+    """
+
+    def __init__(
+        self,
+        fragment: Fragment,
+        *args,
+        output_folder: Path,
+        outcome: AppOutcome,
+        secondary_capture_images: bool = True,
+        **kwargs,
+    ) -> None:
+        self.output_folder = Path(output_folder)
+        self.outcome = outcome
+        self.secondary_capture_images = secondary_capture_images
+        super().__init__(fragment, *args, **kwargs)
+
+    def setup(self, spec: OperatorSpec) -> None:
+        spec.input("series_results")
+
+    def compute(self, op_input, op_output, context) -> None:
+        for item in op_input.receive("series_results"):
+            if isinstance(item, SeriesFailure):
+                self.outcome.failures.append(item)
+                continue
+            uid = str(item.series.geometry.datasets[0].SeriesInstanceUID)
+            self.outcome.written[uid] = self.write_series(item)
+            self.outcome.results[uid] = item.result
+
+    def write_series(self, item: SeriesAnalysed) -> list[Path]:
+        """Write one series' outputs into a staging folder, then move it into place."""
+        datasets = item.series.geometry.datasets
+        reference = datasets[0]
+        uid = str(reference.SeriesInstanceUID)
+        staging = _staging(self.output_folder, uid)
+        try:
+            write_dataset(build_measurement_report(datasets, item.result), staging / "sr.dcm")
+            pdf = render_report_pdf(
+                item.result,
+                study_description=str(reference.get("StudyDescription", "")) or None,
+                series_description=str(reference.get("SeriesDescription", "")) or None,
+                study_date=str(reference.get("StudyDate", "")) or None,
+            )
+            (staging / "report.pdf").write_bytes(pdf)
+            document = encapsulated_pdf(
+                pdf,
+                reference,
+                title="Semantic CLIP nodule report",
+                source_datasets=datasets,
+                model_name=item.result.model.name,
+                software_versions=item.result.model.version,
+            )
+            write_dataset(document, staging / "report_pdf.dcm")
+            if self.secondary_capture_images:
+                for n, image in enumerate(secondary_capture(item.result, reference), start=1):
+                    write_dataset(image, staging / f"nodule_{n}_sc.dcm")
+            target = self.output_folder / uid
+            if target.exists():
+                shutil.rmtree(target)
+            os.replace(staging, target)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        logger.info("%s: wrote %s", item.series.description, target)
+        return sorted(target.iterdir())

@@ -1,0 +1,549 @@
+"""The readable report: PDF content, seed marker geometry, Encapsulated PDF and Secondary Capture DICOM."""
+
+from __future__ import annotations
+
+import base64
+import datetime
+import os
+import re
+import shutil
+import subprocess
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+import torch
+
+from deploy_app import report
+from deploy_app.dicom_io import write_dataset
+from deploy_app.findings import ModelInfo, NoduleResult, NoduleSeed, SeriesResult, SkippedSeed
+from scripts.transforms import PLANE_DIRECTIONS, NinePlanes
+from scripts.vocabulary import FEATURES
+from training.dicom_ct import CTGeometry, SyntheticPatient, write_ct_series
+
+PATIENT_NAME = "Zyxwvut^Qponm"
+PATIENT_ID = "PID-7731-SECRET"
+MOMENT = datetime.datetime(2025, 3, 4, 5, 6, 7)
+ATTENTION = (0.05, 0.07, 0.09, 0.11, 0.13, 0.15, 0.17, 0.10, 0.13)
+
+
+# --------------------------------------------------------------------------------------------------
+# fixtures
+# --------------------------------------------------------------------------------------------------
+
+
+def _planes(nodule: int) -> np.ndarray:
+    """Nine distinct planes: a bright blob at the seed and an off-centre square (for orientation)."""
+    rows, columns = np.mgrid[:224, :224]
+    seed_row, seed_column = report.seed_pixel_position((224, 224))
+    blob = np.exp(-((rows - seed_row) ** 2 + (columns - seed_column) ** 2) / (2 * 10.0**2))
+    planes = []
+    for plane in range(9):
+        image = 0.1 + 0.02 * plane + 0.05 * nodule + 0.7 * blob
+        image[20:25, 180:186] = 1.0
+        planes.append(image)
+    return np.stack(planes).astype(np.float32)
+
+
+def _semantic_full() -> dict[str, dict[str, float]]:
+    chosen = {
+        "nodule_margin_conspicuity": "Poorly marginated",
+        "nodule_margins": "Spiculated/Serrated",
+        "nodule_shape": "Complex/Irregular",
+        "nodule_consistency": "Part-solid",
+        "pleural_attachment": "Present",
+    }
+    semantic = {}
+    for feature in FEATURES:
+        names = feature.value_names()
+        top = chosen.get(feature.column, names[-1])
+        rest = (1.0 - 0.645) / (len(names) - 1)
+        semantic[feature.column] = {name: (0.645 if name == top else rest) for name in names}
+    return semantic
+
+
+def _result(untrained_demo: bool = True) -> SeriesResult:
+    first = NoduleResult(
+        seed=NoduleSeed((10.0, -20.5, 30.26), "Nodule 1", "seeds.csv line 2"),
+        malignancy=0.82345,
+        malignancy_per_fold=(0.8, 0.85),
+        semantic=_semantic_full(),
+        attention=ATTENTION,
+        planes=_planes(0),
+    )
+    second = NoduleResult(
+        seed=NoduleSeed((-40.0, 5.0, -12.0), "Nodule <2> & co", "seeds.csv line 3"),
+        malignancy=0.12349,
+        malignancy_per_fold=(0.1, 0.15),
+        # a subset, in another order than the vocabulary's
+        semantic={
+            "pleural_attachment": {"Present": 0.2, "Absent": 0.8},
+            "nodule_consistency": {"Solid": 0.9, "Part-solid": 0.06, "Pure ground glass": 0.04},
+        },
+        attention=tuple(reversed(ATTENTION)),
+        planes=_planes(1),
+    )
+    skipped = SkippedSeed(
+        NoduleSeed((0.0, 0.0, 999.0), "Nodule 3", "seeds.csv line 4"), "seed lies outside the scan"
+    )
+    model = ModelInfo(
+        "lung_nodule_ct_semantic_clip", "0.1.0", 5, calibrated=False, untrained_demo=untrained_demo
+    )
+    return SeriesResult(nodules=(first, second), skipped=(skipped,), model=model)
+
+
+@pytest.fixture(scope="module")
+def ct_dataset(tmp_path_factory: pytest.TempPathFactory) -> pydicom.Dataset:
+    written = write_ct_series(
+        np.full((3, 8, 8), -1000.0),
+        CTGeometry((3, 8, 8), (1.0, 1.0), 1.0),
+        tmp_path_factory.mktemp("ct") / "series",
+        patient=SyntheticPatient(PATIENT_ID, PATIENT_NAME),
+        uid_seed="report-test",
+    )
+    return pydicom.dcmread(written.files[0])
+
+
+@pytest.fixture(scope="module")
+def pdf_plain(ct_dataset: pydicom.Dataset) -> bytes:
+    return report.render_report_pdf(
+        _result(),
+        study_description=ct_dataset.StudyDescription,
+        series_description=ct_dataset.SeriesDescription,
+        study_date=ct_dataset.StudyDate,
+        compress=False,
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# PDF reading helpers (no PDF library is installed: read the uncompressed text operators)
+# --------------------------------------------------------------------------------------------------
+
+_ESCAPES = {b"n": b"\n", b"r": b"\r", b"t": b"\t", b"b": b"\b", b"f": b"\f"}
+
+
+def _unescape(literal: bytes) -> str:
+    def replace(match: re.Match[bytes]) -> bytes:
+        escaped = match.group(1)
+        if escaped[:1].isdigit():
+            return bytes([int(escaped, 8)])
+        return _ESCAPES.get(escaped, escaped)
+
+    return re.sub(rb"\\([0-7]{1,3}|.)", replace, literal).decode("cp1252")
+
+
+def _text_blocks(pdf: bytes) -> list[str]:
+    """The text of every BT .. ET block, in drawing order (pieces of one block joined)."""
+    blocks = []
+    for block in re.findall(rb"BT (.*?) ET", pdf, flags=re.DOTALL):
+        pieces = re.findall(rb"\(((?:[^()\\]|\\.)*)\)\s*Tj", block, flags=re.DOTALL)
+        if pieces:
+            blocks.append("".join(_unescape(piece) for piece in pieces))
+    return blocks
+
+
+def _pages(pdf: bytes) -> list[list[str]]:
+    """Text blocks per page: every page starts with the banner."""
+    pages: list[list[str]] = []
+    for block in _text_blocks(pdf):
+        if block == report.RESEARCH_BANNER:
+            pages.append([])
+        pages[-1].append(block)
+    return pages
+
+
+def _images(pdf: bytes) -> list[np.ndarray]:
+    """Every grey image XObject of an uncompressed reportlab PDF, decoded."""
+    images = []
+    pattern = rb"<<([^>]*?/Subtype /Image[^>]*?)>>\s*stream\r?\n(.*?)endstream"
+    for header, data in re.findall(pattern, pdf, flags=re.DOTALL):
+        assert b"/ASCII85Decode /FlateDecode" in header and b"/DeviceGray" in header
+        width = int(re.search(rb"/Width (\d+)", header).group(1))
+        height = int(re.search(rb"/Height (\d+)", header).group(1))
+        raw = zlib.decompress(base64.a85decode(data.strip().removesuffix(b"~>")))
+        images.append(np.frombuffer(raw, dtype=np.uint8).reshape(height, width))
+    return images
+
+
+def _number(token: bytes) -> float:
+    return float(token.decode())
+
+
+# --------------------------------------------------------------------------------------------------
+# geometry
+# --------------------------------------------------------------------------------------------------
+
+
+def test_seed_pixel_position_values() -> None:
+    row, column = report.seed_pixel_position((224, 224))
+    assert row == column == pytest.approx(25 * 223 / 49)
+    assert report.seed_pixel_position((9, 50, 50)) == (25.0, 25.0)  # no upsampling
+    assert report.seed_pixel_position((100, 100), plane_size=20) == pytest.approx((10 * 99 / 19,) * 2)
+
+
+@pytest.mark.parametrize("plane", range(9))
+@pytest.mark.parametrize("axis", ["rows", "columns"])
+def test_seed_pixel_position_matches_nine_planes(plane: int, axis: str) -> None:
+    """A linear ramp along one in-plane direction, zero at the seed, stays linear through NinePlanes
+    (trilinear and corner-aligned bilinear interpolation reproduce linear functions exactly): where
+    the planes read the seed's value is where the seed lies."""
+    direction = np.asarray(PLANE_DIRECTIONS[plane][0 if axis == "rows" else 1])
+    centre = 50
+    index = np.stack(np.meshgrid(*(np.arange(100.0),) * 3, indexing="ij"), axis=-1) - centre
+    hu = -250.0 + 10.0 * (index @ direction)  # inside the window [-1000, 500] wherever the planes read
+    planes = NinePlanes()(torch.as_tensor(hu, dtype=torch.float32)[None]).numpy()
+    image = planes[plane]
+    profile = image.mean(axis=1) if axis == "rows" else image.mean(axis=0)
+    slope, intercept = np.polyfit(np.arange(image.shape[0]), profile, 1)
+    seed_value = (-250.0 + 1000.0) / 1500.0
+    expected = report.seed_pixel_position(image.shape)[0 if axis == "rows" else 1]
+    assert (seed_value - intercept) / slope == pytest.approx(expected, abs=1e-3)
+
+
+def test_plane_edge_letters_of_the_standard_planes() -> None:
+    assert report.plane_edge_letters(0) == {"top": "A", "bottom": "P", "left": "R", "right": "L"}
+    assert report.plane_edge_letters(1) == {"top": "I", "bottom": "S", "left": "R", "right": "L"}
+    assert report.plane_edge_letters(2) == {"top": "I", "bottom": "S", "left": "A", "right": "P"}
+    assert report.plane_edge_letters(3) == {"top": "A", "bottom": "P", "left": "IR", "right": "SL"}
+
+
+def test_plane_names_follow_the_plane_normals() -> None:
+    standard = ("Axial", "Coronal", "Sagittal")  # normals along z, y, x of the ROI
+    for plane, (rows, columns) in enumerate(PLANE_DIRECTIONS):
+        normal = np.cross(rows, columns)
+        between = [standard[axis] for axis in range(3) if abs(normal[axis]) > 1e-6]
+        expected = between[0] if len(between) == 1 else f"{between[0]}/{between[1].lower()} 45\u00b0"
+        assert report.PLANE_NAMES[plane] == expected
+
+
+def test_finding_rows_follow_the_vocabulary() -> None:
+    semantic = {
+        "unknown_feature": {"a": 0.4, "b": 0.6},
+        "pleural_attachment": {"Present": 0.7, "Absent": 0.3},
+        "nodule_margins": {"Smooth": 0.1, "Lobulated": 0.5, "Spiculated/Serrated": 0.4},
+    }
+    rows = report.finding_rows(semantic)
+    assert rows == [
+        ("Nodule margins", "Lobulated", 0.5),
+        ("Pleural attachment", "Present", 0.7),
+        ("unknown_feature", "b", 0.6),
+    ]
+    full = report.finding_rows(_semantic_full())
+    assert [row[0] for row in full] == [feature.title for feature in FEATURES]
+
+
+# --------------------------------------------------------------------------------------------------
+# PDF
+# --------------------------------------------------------------------------------------------------
+
+
+def test_pdf_has_the_banners_on_every_page(pdf_plain: bytes) -> None:
+    pages = _pages(pdf_plain)
+    page_objects = len(re.findall(rb"/Type /Page\b(?!s)", pdf_plain))
+    assert len(pages) == page_objects >= 4  # summary, two nodules, skipped seeds
+    for page in pages:
+        assert page[0] == report.RESEARCH_BANNER
+        assert page[1] == report.DEMO_BANNER
+    assert "RESEARCH USE ONLY \u2014 not for clinical decisions" in report.RESEARCH_BANNER
+
+
+def test_pdf_without_demo_model_has_no_demo_banner() -> None:
+    pdf = report.render_report_pdf(
+        _result(untrained_demo=False),
+        study_description=None,
+        series_description=None,
+        study_date=None,
+        compress=False,
+    )
+    blocks = _text_blocks(pdf)
+    assert report.RESEARCH_BANNER in blocks
+    assert not any("UNTRAINED" in block for block in blocks)
+
+
+def test_pdf_content(pdf_plain: bytes) -> None:
+    blocks = _text_blocks(pdf_plain)
+    text = "\n".join(blocks)
+    for expected in (
+        "Study: Synthetic chest CT (phantom)",
+        "Series: Phantom chest CT",
+        "Study date: 2025-01-01",
+        "Model lung_nodule_ct_semantic_clip version 0.1.0; folds: 5; calibrated: no",
+        "Probability of cancer: 82.3 %",
+        "Probability of cancer: 12.3 %",
+        "Seed: (10.0, -20.5, 30.3) mm LPS",
+        "Per fold (before calibration): 80.0 %, 85.0 %",
+        "Nodule 1",
+        "Nodule <2> & co",  # markup characters are text, not Paragraph markup
+        "Skipped seeds",
+        "seed lies outside the scan",
+    ):
+        assert expected in blocks or expected in text, expected
+    # plane titles with names and attention weights, in plane order, once per nodule
+    titles = [block for block in blocks if "| attention" in block]
+    assert titles[:9] == [
+        f"{k + 1} {report.PLANE_NAMES[k]} | attention {w:.3f}" for k, w in enumerate(ATTENTION)
+    ]
+    assert titles[9:] == [
+        f"{k + 1} {report.PLANE_NAMES[k]} | attention {w:.3f}" for k, w in enumerate(reversed(ATTENTION))
+    ]
+
+
+def test_pdf_findings_tables(pdf_plain: bytes) -> None:
+    pages = _pages(pdf_plain)
+    first = next(i for i, page in enumerate(pages) if "Probability of cancer: 82.3 %" in page)
+    second = next(i for i, page in enumerate(pages) if "Probability of cancer: 12.3 %" in page)
+    skipped = next(i for i, page in enumerate(pages) if "Skipped seeds" in page)
+    first_blocks = [block for page in pages[first:second] for block in page]
+    titles = [feature.title for feature in FEATURES]
+    assert [block for block in first_blocks if block in titles] == titles  # all 17, vocabulary order
+    for value in ("Poorly marginated", "Spiculated/Serrated", "Complex/Irregular", "Part-solid"):
+        assert value in first_blocks
+    assert "64.5 %" in first_blocks
+    second_blocks = [block for page in pages[second:skipped] for block in page]
+    assert [block for block in second_blocks if block in titles] == [
+        "Nodule consistency",
+        "Pleural attachment",
+    ]
+    for expected in ("Solid", "90.0 %", "Absent", "80.0 %"):
+        assert expected in second_blocks
+    for page in pages:  # the findings heading is never left behind, apart from its table
+        if "Semantic findings" in page:
+            assert "Feature" in page
+
+
+def test_pdf_images_are_the_planes(pdf_plain: bytes) -> None:
+    """Every plane of both nodules is embedded, mapped [0, 1] -> 0..255, not flipped or rotated."""
+    images = _images(pdf_plain)
+    expected = [
+        np.rint(np.clip(plane, 0, 1) * 255).astype(np.uint8) for nodule in (0, 1) for plane in _planes(nodule)
+    ]
+    assert len(images) == len(expected)
+    for wanted in expected:
+        assert any(np.array_equal(wanted, image) for image in images)
+
+
+def test_pdf_seed_cross_is_drawn_at_the_seed(pdf_plain: bytes) -> None:
+    """Each image placement (w 0 0 h x y cm ... Do) is followed by the four arms of its cross; their
+    centre is the seed pixel's centre in page units."""
+    seed_row, seed_column = report.seed_pixel_position((224, 224))
+    placement = rb"([\d.]+) 0 0 ([\d.]+) ([\d.]+) ([\d.]+) cm\s*/FormXob\.\w+ Do"
+    segment = rb"n ([\d.-]+) ([\d.-]+) m ([\d.-]+) ([\d.-]+) l S"
+    checked = 0
+    for match in re.finditer(placement, pdf_plain):
+        width, height, x, y = (_number(v) for v in match.groups())
+        arms = re.findall(segment, pdf_plain[match.end() : match.end() + 2000])[:4]
+        points = np.array([[_number(a), _number(b)] for arm in arms for a, b in (arm[:2], arm[2:])])
+        centre = points.mean(axis=0)
+        assert centre[0] == pytest.approx(x + (seed_column + 0.5) * width / 224, abs=2e-3)
+        assert centre[1] == pytest.approx(y + height - (seed_row + 0.5) * height / 224, abs=2e-3)
+        checked += 1
+    assert checked == 18
+
+
+def test_pdf_holds_no_patient_identity(pdf_plain: bytes, ct_dataset: pydicom.Dataset) -> None:
+    text = "\n".join(_text_blocks(pdf_plain))
+    for secret in (PATIENT_ID, "Zyxwvut", "Qponm"):
+        assert secret.encode() not in pdf_plain
+        assert secret not in text
+    assert str(ct_dataset.PatientName) == PATIENT_NAME  # the CT does carry them
+
+
+def test_pdf_is_deterministic() -> None:
+    kwargs = {"study_description": "CT chest", "series_description": "1 mm", "study_date": "20240229"}
+    first = report.render_report_pdf(_result(), **kwargs)
+    assert first.startswith(b"%PDF-")
+    assert report.render_report_pdf(_result(), **kwargs) == first
+    assert report.render_report_pdf(_result(untrained_demo=False), **kwargs) != first
+
+
+def test_pdf_without_planes_and_with_bad_planes() -> None:
+    result = _result()
+    bare = NoduleResult(
+        seed=result.nodules[0].seed,
+        malignancy=0.5,
+        malignancy_per_fold=(),
+        semantic={},
+        attention=(),
+        planes=None,
+    )
+    pdf = report.render_report_pdf(
+        SeriesResult((bare,), (), result.model),
+        study_description=None,
+        series_description=None,
+        study_date=None,
+        compress=False,
+    )
+    blocks = _text_blocks(pdf)
+    assert "Planes not available." in blocks and "No semantic findings." in blocks
+    assert _images(pdf) == []
+    wrong = NoduleResult(
+        seed=result.nodules[0].seed,
+        malignancy=0.5,
+        malignancy_per_fold=(),
+        semantic={},
+        attention=(),
+        planes=np.zeros((3, 224, 224)),
+    )
+    with pytest.raises(ValueError, match=r"Nodule 1: planes must have shape \(9, H, W\)"):
+        report.render_report_pdf(
+            SeriesResult((wrong,), (), result.model),
+            study_description=None,
+            series_description=None,
+            study_date=None,
+        )
+
+
+# --------------------------------------------------------------------------------------------------
+# DICOM
+# --------------------------------------------------------------------------------------------------
+
+
+def _assert_dciodvfy_clean(*paths: Path) -> None:
+    """dciodvfy reports no error (warnings allowed); skipped without the tool unless CI is set.
+
+    Called last in a test, so the other checks run even where the tool is missing.
+    """
+    tool = shutil.which("dciodvfy")
+    if tool is None:
+        if os.environ.get("CI"):
+            pytest.fail("dciodvfy (Debian dicom3tools) is required under CI")
+        pytest.skip("dciodvfy (Debian dicom3tools) is not installed")
+    for path in paths:
+        run = subprocess.run([tool, str(path)], capture_output=True, text=True, timeout=60, check=False)
+        errors = [line for line in (run.stdout + run.stderr).splitlines() if line.startswith("Error")]
+        assert not errors, f"{path.name}: {errors}"
+
+
+def _assert_same_patient_and_study(ds: pydicom.Dataset, ct: pydicom.Dataset) -> None:
+    for keyword in (
+        "PatientName",
+        "PatientID",
+        "StudyInstanceUID",
+        "StudyID",
+        "StudyDate",
+        "AccessionNumber",
+    ):
+        assert ds[keyword].value == ct[keyword].value, keyword
+    assert ds.SeriesInstanceUID != ct.SeriesInstanceUID
+
+
+@pytest.mark.parametrize("odd", [False, True])
+def test_encapsulated_pdf_round_trip_and_dciodvfy(
+    ct_dataset: pydicom.Dataset, tmp_path: Path, odd: bool
+) -> None:
+    pdf = report.render_report_pdf(
+        _result(), study_description="CT", series_description="1 mm", study_date="20250101"
+    )
+    if (len(pdf) % 2 == 1) != odd:
+        pdf += b"\n"  # a trailing newline after %%EOF keeps the PDF valid
+    ds = report.encapsulated_pdf(
+        pdf,
+        ct_dataset,
+        title="Lung nodule report",
+        series_instance_uid="1.2.826.0.1.3680043.8.498.1001",
+        sop_instance_uid="1.2.826.0.1.3680043.8.498.1002",
+        content_datetime=MOMENT,
+        model_name="lung_nodule_ct_semantic_clip",
+        software_versions="0.1.0",
+    )
+    path = write_dataset(ds, tmp_path / "report.dcm")
+    back = pydicom.dcmread(path)
+    assert back.SOPClassUID == "1.2.840.10008.5.1.4.1.1.104.1"
+    assert back.Modality == "DOC" and back.SeriesNumber == 902 and back.InstanceNumber == 1
+    assert back.MIMETypeOfEncapsulatedDocument == "application/pdf"
+    assert back.DocumentTitle == "Lung nodule report"
+    assert back.BurnedInAnnotation == "YES"
+    assert back.ContentDate == "20250304" and back.ContentTime == "050607"
+    code = back.ConceptNameCodeSequence[0]
+    assert (code.CodeValue, code.CodingSchemeDesignator) == ("18748-4", "LN")
+    assert back.SourceInstanceSequence[0].ReferencedSOPInstanceUID == ct_dataset.SOPInstanceUID
+    _assert_same_patient_and_study(back, ct_dataset)
+    assert len(back.EncapsulatedDocument) % 2 == 0
+    assert back.EncapsulatedDocumentLength == len(pdf)
+    assert report.encapsulated_document_bytes(back) == pdf
+    _assert_dciodvfy_clean(path)
+
+
+def test_encapsulated_pdf_rejects_bad_input(ct_dataset: pydicom.Dataset) -> None:
+    with pytest.raises(ValueError, match="not a PDF"):
+        report.encapsulated_pdf(b"hello", ct_dataset, title="x")
+    no_study = pydicom.Dataset()
+    no_study.PatientID = "x"
+    with pytest.raises(ValueError, match="StudyInstanceUID"):
+        report.encapsulated_pdf(b"%PDF-1.4\n%%EOF\n", no_study, title="x")
+
+
+def test_secondary_capture_images(ct_dataset: pydicom.Dataset, tmp_path: Path) -> None:
+    result = _result()
+    images = report.secondary_capture(
+        result, ct_dataset, content_datetime=MOMENT, series_instance_uid="1.2.826.0.1.3680043.8.498.2001"
+    )
+    assert len(images) == len(result.nodules)
+    paths = []
+    for number, (image, nodule) in enumerate(zip(images, result.nodules, strict=True), start=1):
+        path = write_dataset(image, tmp_path / f"sc{number}.dcm")
+        paths.append(path)
+        back = pydicom.dcmread(path)
+        _assert_same_patient_and_study(back, ct_dataset)
+        assert back.SOPClassUID == pydicom.uid.SecondaryCaptureImageStorage
+        assert back.SeriesNumber == 903 and back.InstanceNumber == number
+        assert back.BurnedInAnnotation == "YES"
+        assert back.PhotometricInterpretation == "RGB"
+        assert back.SeriesInstanceUID == "1.2.826.0.1.3680043.8.498.2001"
+        assert nodule.seed.label in back.ImageComments
+        pixels = back.pixel_array
+        assert pixels.shape == (960, 768, 3)
+        np.testing.assert_array_equal(pixels, report.render_montage(result, nodule))
+        banner = pixels[:30].reshape(-1, 3).astype(int)
+        assert np.any((banner[:, 0] > 150) & (banner[:, 1] < 60) & (banner[:, 2] < 60))  # the red banner
+        marker = pixels.reshape(-1, 3).astype(int)
+        assert np.any((marker[:, 0] > 230) & (marker[:, 1] > 190) & (marker[:, 2] < 60))  # the yellow cross
+    assert images[0].SOPInstanceUID != images[1].SOPInstanceUID
+    _assert_dciodvfy_clean(*paths)
+
+
+def test_encapsulated_pdf_copies_the_patient_and_study_modules(
+    ct_dataset: pydicom.Dataset, tmp_path: Path
+) -> None:
+    """Sequences and optional attributes come along (as copies); missing type 2 attributes are empty."""
+    ct = pydicom.Dataset()
+    ct.update(ct_dataset)
+    ct.file_meta = ct_dataset.file_meta
+    del ct.AccessionNumber, ct.ReferringPhysicianName
+    ct.PatientAge = "061Y"
+    other = pydicom.Dataset()
+    other.PatientID = "OTHER-ID-1"
+    other.TypeOfPatientID = "TEXT"
+    ct.OtherPatientIDsSequence = [other]
+    procedure = pydicom.Dataset()
+    procedure.CodeValue, procedure.CodingSchemeDesignator, procedure.CodeMeaning = "24627-2", "LN", "CT Chest"
+    ct.ProcedureCodeSequence = [procedure]
+    ds = report.encapsulated_pdf(b"%PDF-1.4\n%%EOF\n", ct, title="t", content_datetime=MOMENT)
+    assert ds.PatientAge == "061Y"
+    assert ds.OtherPatientIDsSequence[0].PatientID == "OTHER-ID-1"
+    assert ds.ProcedureCodeSequence[0].CodeValue == "24627-2"
+    assert "AccessionNumber" in ds and not ds.AccessionNumber
+    assert "ReferringPhysicianName" in ds and not ds.ReferringPhysicianName
+    ds.OtherPatientIDsSequence[0].PatientID = "changed"
+    assert ct.OtherPatientIDsSequence[0].PatientID == "OTHER-ID-1"
+    _assert_dciodvfy_clean(write_dataset(ds, tmp_path / "doc.dcm"))
+
+
+def test_report_with_only_skipped_seeds(ct_dataset: pydicom.Dataset) -> None:
+    result = _result()
+    only_skipped = SeriesResult(nodules=(), skipped=result.skipped, model=result.model)
+    pdf = report.render_report_pdf(
+        only_skipped, study_description=None, series_description=None, study_date=None, compress=False
+    )
+    blocks = _text_blocks(pdf)
+    for expected in (
+        "No nodule was analysed.",
+        "Study: not described",
+        "Study date: unknown",
+        "Skipped seeds",
+    ):
+        assert expected in blocks, expected
+    assert "seed lies outside the scan" in blocks
+    assert report.secondary_capture(only_skipped, ct_dataset) == []

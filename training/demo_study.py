@@ -1,0 +1,102 @@
+"""A small phantom CT study as a PACS would send it: a DICOM CT series plus a seeds SR.
+
+Used by ``make demo``, the deploy app's tests and the PACS integration test. The nodules are simple
+spheres in textured lung; the LIDC-contour phantoms (``training.phantoms``) are the realistic ones.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from scipy.ndimage import gaussian_filter
+
+from deploy_app.dicom_io import write_dataset
+from deploy_app.findings import NoduleSeed
+from deploy_app.seeds import build_seed_sr
+from training.dicom_ct import CTGeometry, SyntheticPatient, WrittenSeries, write_ct_series
+
+DEMO_GEOMETRY = CTGeometry(
+    shape=(64, 160, 160), pixel_spacing=(0.75, 0.75), slice_spacing=2.0, origin_lps=(-60.0, -40.0, -180.0)
+)
+
+
+@dataclass(frozen=True)
+class DemoStudy:
+    """What :func:`write_demo_study` wrote."""
+
+    series: WrittenSeries
+    seeds: tuple[NoduleSeed, ...]
+    seed_sr: Path | None
+
+
+def _render(geometry: CTGeometry, centres_lps: np.ndarray, radii_mm: np.ndarray, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    texture = gaussian_filter(rng.normal(0.0, 1.0, size=geometry.shape), sigma=1.5)
+    volume = -850.0 + 60.0 * texture / texture.std()
+    k, r, c = np.indices(geometry.shape, dtype=np.float64)
+    points = geometry.index_to_lps(np.stack([k, r, c], axis=-1))
+    for centre, radius in zip(centres_lps, radii_mm, strict=True):
+        inside = np.linalg.norm(points - centre, axis=-1) <= radius
+        volume[inside] = rng.normal(30.0, 20.0, size=int(inside.sum()))
+    volume = gaussian_filter(volume, sigma=0.7) + rng.normal(0.0, 15.0, size=geometry.shape)
+    return np.clip(volume, -1024, 3000)
+
+
+def write_demo_study(
+    folder: str | Path,
+    *,
+    seed: int = 7,
+    n_nodules: int = 3,
+    geometry: CTGeometry = DEMO_GEOMETRY,
+    seed_sr: bool = True,
+    patient_id: str = "PHANTOM-DEMO",
+) -> DemoStudy:
+    """Write ``folder/ct/`` (DICOM CT) and, with ``seed_sr``, ``folder/seeds_sr.dcm`` (TID 1500 seeds).
+
+    Args:
+        folder: created if needed; must not contain a ``ct`` folder yet.
+        seed: random seed of positions, sizes, texture and UIDs.
+        n_nodules: 1 to 4 nodules, 4 to 10 mm radius, well inside the scan.
+        geometry: the CT grid.
+        seed_sr: also write the seeds SR (else the caller provides seeds).
+        patient_id: synthetic PatientID.
+
+    Returns:
+        the series, the seeds (world LPS, nodule centres) and the SR path.
+    """
+    if not 1 <= n_nodules <= 4:
+        raise ValueError("n_nodules must be 1 to 4")
+    folder = Path(folder)
+    rng = np.random.default_rng(seed)
+    extent = np.array(geometry.shape, dtype=np.float64)
+    index = rng.uniform(0.3 * extent, 0.7 * extent, size=(n_nodules, 3))
+    # spread the nodules along the slices so they do not overlap
+    index[:, 0] = np.linspace(0.3, 0.7, n_nodules) * (extent[0] - 1) if n_nodules > 1 else index[:, 0]
+    centres = geometry.index_to_lps(index)
+    radii = rng.uniform(4.0, 10.0, size=n_nodules)
+    volume = _render(geometry, centres, radii, seed)
+    series = write_ct_series(
+        volume,
+        geometry,
+        folder / "ct",
+        patient=SyntheticPatient(patient_id),
+        uid_seed=f"demo-{seed}",
+        series_description="Phantom chest CT (demo)",
+    )
+    seeds = tuple(
+        NoduleSeed(
+            position_lps=tuple(float(v) for v in centre),
+            label=f"Nodule {n + 1}",
+            source="demo phantom",
+            frame_of_reference_uid=series.frame_of_reference_uid,
+        )
+        for n, centre in enumerate(centres)
+    )
+    sr_path = None
+    if seed_sr:
+        headers = [pydicom.dcmread(path, stop_before_pixels=True) for path in series.files]
+        sr_path = write_dataset(build_seed_sr(headers, seeds), folder / "seeds_sr.dcm")
+    return DemoStudy(series=series, seeds=seeds, seed_sr=sr_path)
