@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,16 +24,14 @@ from deploy_app.findings import ModelInfo, NoduleResult, NoduleSeed
 from training.bundle_path import use_bundle
 
 use_bundle()
-from scripts.calibration import BetaCalibration, ensemble_probability, load_calibration  # noqa: E402
+from scripts.calibration import CALIBRATION_FILE, BetaCalibration, ensemble_probability, load_calibration  # noqa: E402
 from scripts.errors import UserInputError  # noqa: E402
-from scripts.export import load_exported  # noqa: E402
+from scripts.export import exported_models, load_exported  # noqa: E402
 from scripts.transforms import CLIPNormalize, nine_planes_for_seeds  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
 MODELS_DIR = "models"
-CALIBRATION_FILE = "calibration.json"
-_FOLD_DIR = re.compile(r"fold_(\d+)$")
 
 
 def select_device(requested: str | None = None) -> torch.device:
@@ -42,32 +39,6 @@ def select_device(requested: str | None = None) -> torch.device:
     if requested:
         return torch.device(requested)
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def find_exported_models(bundle_dir: Path) -> list[Path]:
-    """The bundle's exported predictors in fold order (``models/fold_<k>/model.ts`` or ``models/model.ts``).
-
-    Raises:
-        UserInputError: the folder is not a bundle with an exported model.
-    """
-    bundle_dir = Path(bundle_dir)
-    if not bundle_dir.is_dir():
-        raise UserInputError(f"model bundle folder '{bundle_dir}' does not exist or is not a folder")
-    models = bundle_dir / MODELS_DIR
-    folds = sorted(
-        (int(match.group(1)), path / "model.ts")
-        for path in models.glob("fold_*")
-        if (match := _FOLD_DIR.search(path.name)) and (path / "model.ts").is_file()
-    )
-    if folds:
-        return [path for _, path in folds]
-    if (models / "model.ts").is_file():
-        return [models / "model.ts"]
-    raise UserInputError(
-        f"'{bundle_dir}' has no exported model: expected {MODELS_DIR}/fold_<k>/model.ts or "
-        f"{MODELS_DIR}/model.ts "
-        "(export one with: python -m monai.bundle run export --config_file configs/inference.json ...)"
-    )
 
 
 def _bundle_identity(bundle_dir: Path) -> tuple[str, str]:
@@ -103,7 +74,7 @@ class BundleModels:
     def load(cls, bundle_dir: str | Path, device: str | torch.device | None = None) -> BundleModels:
         """Load every fold of ``bundle_dir`` (and its calibrators, when present)."""
         bundle_dir = Path(bundle_dir)
-        paths = find_exported_models(bundle_dir)
+        paths = list(exported_models(bundle_dir).values())
         name, version = _bundle_identity(bundle_dir)
         device = select_device(str(device) if device else None)
         predictors, layout, untrained = [], None, False

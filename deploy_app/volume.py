@@ -149,12 +149,13 @@ def check_series_geometry(datasets: Sequence[pydicom.Dataset], *, min_slices: in
 
 
 def to_meta_tensor(voxels_krc: np.ndarray, geometry: SeriesGeometry) -> MetaTensor:
-    """The bundle's volume layout: HU as a (1, columns, rows, slices) MetaTensor with a RAS affine."""
+    """HU as the bundle lays volumes out: a (1, columns, rows, slices) MetaTensor view, RAS affine."""
     if tuple(voxels_krc.shape) != geometry.shape:
         raise ValueError(
             f"voxel array {voxels_krc.shape} does not match the series geometry {geometry.shape}"
         )
-    array = torch.from_numpy(np.ascontiguousarray(voxels_krc.transpose(2, 1, 0), dtype=np.float32))
+    # A transposed view in the stored dtype: the ROI crop reads (and converts) only the voxels it needs.
+    array = torch.from_numpy(voxels_krc).permute(2, 1, 0)
     return MetaTensor(array[None], affine=torch.as_tensor(geometry.voxel_to_ras, dtype=torch.float64))
 
 

@@ -303,7 +303,7 @@ def _parse_cohort(csv_path: str | Path, *, require_label: bool, check_images: bo
     return _ParsedCohort(name=name, records=records, problems=problems, rows=refs)
 
 
-def _read_pids(path: Path) -> set[str]:
+def read_pids(path: Path) -> set[str]:
     if not path.is_file():
         raise UserInputError(f"split file '{path}' does not exist")
     try:
@@ -337,8 +337,8 @@ def read_split(split_dir: Path, fold: int) -> tuple[set[str], set[str]]:
         raise UserInputError(
             f"split folder '{folder}' does not exist (expected train_pid.csv and val_pid.csv)"
         )
-    train = _read_pids(folder / "train_pid.csv")
-    val = _read_pids(folder / "val_pid.csv")
+    train = read_pids(folder / "train_pid.csv")
+    val = read_pids(folder / "val_pid.csv")
     both = sorted(train & val)
     if both:
         shown = ", ".join(both[:10]) + (" ..." if len(both) > 10 else "")
@@ -446,7 +446,7 @@ def _image_problems(name: str, rows: list[_RowRef]) -> list[tuple[int, str]]:
 
 def _pid_lines(path: Path) -> dict[str, int]:
     """Patient id -> first line in a split file (validated as :func:`read_split` does)."""
-    _read_pids(path)
+    read_pids(path)
     table = pd.read_csv(path, dtype=str, skip_blank_lines=False)
     table.columns = [str(c).strip() for c in table.columns]
     lines: dict[str, int] = {}

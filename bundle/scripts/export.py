@@ -11,6 +11,7 @@ import copy
 import json
 import logging
 import os
+import re
 import tempfile
 import warnings
 from collections.abc import Iterator
@@ -20,6 +21,7 @@ import torch
 from torch import nn
 
 from scripts.clip_backbone import create_tokenizer
+from scripts.errors import UserInputError
 from scripts.network import SemanticCLIP
 from scripts.zero_shot import PromptLayout, embed_prompts, zero_shot_probabilities
 
@@ -160,3 +162,36 @@ def build_predictor(
     if checkpoint is not None:
         load_checkpoint(network, checkpoint)
     return SemanticCLIPPredictor(network, layout).eval()
+
+
+_FOLD_DIR = re.compile(r"fold_(\d+)$")
+
+
+def exported_models(bundle_dir: str | Path) -> dict[int, Path]:
+    """The exported predictor of every fold of a deployable bundle, by fold index.
+
+    A bundle holds ``models/fold_<k>/model.ts`` per cross-validation fold, or one ``models/model.ts``
+    (returned as fold 0); when fold models exist, ``models/model.ts`` is ignored (with a warning).
+
+    Raises:
+        UserInputError: the folder does not exist or holds no exported model.
+    """
+    bundle_dir = Path(bundle_dir)
+    if not bundle_dir.is_dir():
+        raise UserInputError(f"bundle folder '{bundle_dir}' does not exist or is not a folder")
+    models = bundle_dir / "models"
+    folds = {
+        int(match.group(1)): folder / "model.ts"
+        for folder in (models.iterdir() if models.is_dir() else ())
+        if (match := _FOLD_DIR.match(folder.name)) and (folder / "model.ts").is_file()
+    }
+    if folds:
+        if (models / "model.ts").is_file():
+            logger.warning("%s: using the fold models; models/model.ts is ignored", bundle_dir)
+        return dict(sorted(folds.items()))
+    if (models / "model.ts").is_file():
+        return {0: models / "model.ts"}
+    raise UserInputError(
+        f"bundle '{bundle_dir}' has no exported model: expected models/fold_<k>/model.ts for each fold or "
+        "models/model.ts (export one with the bundle's 'export' workflow)"
+    )

@@ -79,7 +79,8 @@ class SemanticCLIP(nn.Module):
     - with text: ``text_embedding`` (N, D) and ``text_logits`` (N, 2).
 
     Args:
-        model_name: open_clip architecture (``ViT-B-32`` in the paper; the bundle ships a tiny config).
+        model_name: open_clip architecture: ``ViT-B-32-quickgelu`` is the paper's OpenAI ViT-B/32
+            (QuickGELU, as its ``openai`` weights need); the bundle also ships a tiny config.
         pretrained: open_clip tag (``openai``), local checkpoint file, or ``None`` for random weights.
         embed_dim: width of the joint image/text embedding.
         mil_hidden_dim: width of the MIL attention network.
@@ -96,7 +97,7 @@ class SemanticCLIP(nn.Module):
 
     def __init__(
         self,
-        model_name: str = "ViT-B-32",
+        model_name: str = "ViT-B-32-quickgelu",
         pretrained: str | None = None,
         embed_dim: int = 256,
         mil_hidden_dim: int = 128,

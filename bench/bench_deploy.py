@@ -1,0 +1,182 @@
+"""Benchmark: the deploy app from DICOM to SR on a 512 x 512 x 300 CT with 5 seeds, ViT-B-32, CPU.
+
+Writes the study (int16 DICOM, 0.7 x 0.7 x 1.0 mm) and a seeds SR once, exports a ViT-B-32 predictor
+with random weights (the same file is copied for every fold: timing does not depend on the weights),
+then, in a fresh process per configuration (1 fold, 5 folds):
+
+- times each stage exactly as the app's operators run it, in graph order: SDK DICOM loading, SDK
+  series selection, geometry check + SDK series-to-volume, seeds, bundle preprocessing, the fold
+  models, the writers (SR, PDF, SC); repeated ``--repeats`` times, medians reported;
+- times the whole app (``process_folder``, the holoscan graph) once;
+- reports the peak resident memory of that process.
+
+Usage::
+
+    .venv/bin/python bench/bench_deploy.py [--work /tmp/lnsc_bench_deploy] [--folds 1 5] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+os.environ.setdefault("HOLOSCAN_LOG_LEVEL", "WARN")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def prepare(work: Path, max_folds: int) -> None:
+    """Write the study and a bundle with ``max_folds`` copies of one exported ViT-B-32 predictor."""
+    import numpy as np
+    import pydicom
+    import torch
+
+    from deploy_app.dicom_io import write_dataset
+    from deploy_app.findings import NoduleSeed
+    from deploy_app.seeds import build_seed_sr
+    from training.bundle_path import copy_bundle, use_bundle
+    from training.dicom_ct import CTGeometry, SyntheticPatient, write_ct_series
+
+    use_bundle()
+    from scripts.export import export_torchscript
+    from scripts.network import SemanticCLIP
+
+    study = work / "study"
+    if not (study / "ct").is_dir():
+        geometry = CTGeometry(shape=(300, 512, 512), pixel_spacing=(0.7, 0.7), slice_spacing=1.0,
+                              origin_lps=(-179.0, -179.0, -400.0))  # fmt: skip
+        rng = np.random.default_rng(0)
+        volume = rng.normal(-850, 60, size=geometry.shape).astype(np.float32)
+        patient = SyntheticPatient("BENCH")
+        series = write_ct_series(volume, geometry, study / "ct", patient=patient, uid_seed="b")
+        del volume
+        centre = np.array(geometry.shape) / 2
+        offsets = np.array([[0, 0, 0], [-60, -80, -80], [60, 80, 80], [-90, 100, -100], [90, -100, 100]])
+        seeds = [
+            NoduleSeed(tuple(float(v) for v in geometry.index_to_lps(centre + o)), f"Nodule {n + 1}", "bench")
+            for n, o in enumerate(offsets)
+        ]
+        headers = [pydicom.dcmread(f, stop_before_pixels=True) for f in series.files]
+        write_dataset(build_seed_sr(headers, seeds), study / "seeds_sr.dcm")
+    exported = work / "vit_b_32.ts"
+    if not exported.is_file():
+        torch.manual_seed(0)
+        export_torchscript(SemanticCLIP("ViT-B-32-quickgelu", pretrained=None, tuning="lora"), exported)
+    for folds in (1, max_folds):
+        bundle = work / f"bundle_{folds}"
+        if bundle.is_dir():
+            continue
+        copy_bundle(bundle)
+        for fold in range(folds):
+            target = bundle / "models" / f"fold_{fold}" / "model.ts"
+            target.parent.mkdir(parents=True)
+            shutil.copyfile(exported, target)
+
+
+def measure(work: Path, folds: int, repeats: int) -> dict:
+    """Stage timings (medians) + whole-app time + peak RSS for one bundle; runs in its own process."""
+    import torch
+    from holoscan.core import Application
+    from monai.deploy.operators import DICOMDataLoaderOperator, DICOMSeriesSelectorOperator
+
+    from deploy_app.app import SERIES_RULES, process_folder, read_series_rules
+    from deploy_app.findings import SeriesResult
+    from deploy_app.inference import BundleModels, analyse_nodules
+    from deploy_app.operators import ReportWritersOperator, SeriesAnalysed, SeriesVolumesOperator
+    from deploy_app.seeds import CTSeriesInfo, find_seeds
+    from training.bundle_path import use_bundle
+
+    use_bundle()
+    from scripts.transforms import nine_planes_for_seeds
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    study, bundle = work / "study", work / f"bundle_{folds}"
+    started = time.perf_counter()
+    models = BundleModels.load(bundle)
+    load_models = time.perf_counter() - started
+    fragment = Application()
+    rules, min_slices = read_series_rules(SERIES_RULES)
+    loader = DICOMDataLoaderOperator(fragment, input_folder=study, name="loader")
+    selector = DICOMSeriesSelectorOperator(fragment, rules=rules, all_matched=True, name="selector")
+    to_volume = SeriesVolumesOperator(fragment, min_slices=min_slices, name="volume")
+    stages: dict[str, list[float]] = {}
+
+    def timed(name: str, function, *args):
+        start = time.perf_counter()
+        value = function(*args)
+        stages.setdefault(name, []).append(time.perf_counter() - start)
+        return value
+
+    for repeat in range(repeats):
+        studies = timed("load (SDK DICOM loader)", loader.load_data_to_studies, study)
+        selected = timed("select (SDK series selector)", selector.filter, json.loads(rules), studies, True)
+        chosen = selected[0].selected_series[0]
+        volume = timed("volume (geometry check + SDK series-to-volume)", to_volume.series_volume,
+                       chosen.series, chosen.selection_name)  # fmt: skip
+        info = CTSeriesInfo.from_datasets(volume.geometry.datasets)
+        seeds, skipped, _ = timed("seeds (SR)", find_seeds, study, info)
+        planes = timed("preprocessing (crop + nine planes)", nine_planes_for_seeds, volume.volume,
+                       [s.position_lps for s in seeds])  # fmt: skip
+        timed(f"model ({folds} fold(s), {len(seeds)} nodules)", models.predict, planes)
+        if repeat == 0:  # the writers' input: the same numbers the app would produce
+            nodules = analyse_nodules(volume.volume, seeds, models)
+            result = SeriesResult(nodules=tuple(nodules), skipped=tuple(skipped), model=models.info)
+        writer = ReportWritersOperator(fragment, output_folder=work / f"out_{folds}_{repeat}",
+                                       outcome=None, name=f"writers{repeat}")  # fmt: skip
+        timed("writers (SR + PDF + SC)", writer.write_series,
+              SeriesAnalysed(series=volume, result=result))  # fmt: skip
+    start = time.perf_counter()
+    outcome = process_folder(study, work / f"app_{folds}", models=models)
+    whole_app = time.perf_counter() - start
+    assert not outcome.failures, outcome.failures
+    return {
+        "folds": folds,
+        "stages_median_s": {name: statistics.median(values) for name, values in stages.items()},
+        "model_load_s": load_models,
+        "whole_app_s": whole_app,
+        "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--work", type=Path, default=Path("/tmp/lnsc_bench_deploy"))
+    parser.add_argument("--folds", type=int, nargs="+", default=[1, 5])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--measure", type=int, help=argparse.SUPPRESS)  # internal: one configuration
+    args = parser.parse_args()
+    if args.measure is not None:
+        print(json.dumps(measure(args.work, args.measure, args.repeats)))
+        return
+    args.work.mkdir(parents=True, exist_ok=True)
+    prepare(args.work, max(args.folds))
+    print(f"load average {os.getloadavg()[0]:.2f}, {os.cpu_count()} CPUs")
+    for folds in args.folds:
+        command = [sys.executable, __file__, "--work", str(args.work), "--measure", str(folds),
+                   "--repeats", str(args.repeats)]  # fmt: skip
+        output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+        report = json.loads(output.strip().splitlines()[-1])
+        stages = report["stages_median_s"]
+        model = next(v for k, v in stages.items() if k.startswith("model"))
+        outside = sum(v for k, v in stages.items() if not k.startswith("model"))
+        print(
+            f"\n{folds} fold(s): peak RSS {report['peak_rss_gb']:.2f} GB, models loaded in "
+            f"{report['model_load_s']:.1f} s, whole app {report['whole_app_s']:.2f} s"
+        )
+        for name, seconds in stages.items():
+            print(f"  {name:<52} {seconds:8.3f} s")
+        share = 100 * outside / model
+        print(f"  {'outside the model':<52} {outside:8.3f} s = {share:.1f} % of the model time")
+
+
+if __name__ == "__main__":
+    main()
