@@ -310,18 +310,33 @@ def test_cli_exit_codes_for_bad_and_partial_input(study, bundle: Path, tmp_path:
     assert "Traceback" not in result.stderr
 
 
-def test_app_yaml_parses_and_names_existing_files() -> None:
+def test_app_yaml_parses_and_the_staged_map_folder_runs(tmp_path: Path) -> None:
     from holoscan_cli.packager.config_reader import ApplicationConfiguration
 
-    app_yaml = REPO_ROOT / "deploy_app" / "app.yaml"
+    from deploy_app.map_stage import stage
+
     config = ApplicationConfiguration()
-    config.read(app_yaml)
+    config.read(REPO_ROOT / "deploy_app" / "app.yaml")
     assert (
         config.title() == json.loads((REPO_ROOT / "bundle" / "configs" / "metadata.json").read_text())["name"]
     )
-    for requirement in config.pip_packages():
-        assert (REPO_ROOT / requirement).is_file()
-    assert (REPO_ROOT / "deploy_app" / "__main__.py").is_file()
+    folder = stage(tmp_path / "map")
+    for name in (
+        "__main__.py",
+        "requirements.txt",
+        "deploy_app/app.yaml",
+        "deploy_app/series_rules.json",
+        "training/bundle_path.py",
+        "bundle/scripts/transforms.py",
+        "bundle/configs/metadata.json",
+    ):
+        assert (folder / name).is_file(), name  # fmt: skip
+    assert not (folder / "bundle" / "models").exists()
+    environment = {**os.environ, "PYTHONPATH": ""}
+    result = subprocess.run(
+        [sys.executable, str(folder), "--help"], capture_output=True, text=True, env=environment
+    )
+    assert result.returncode == 0 and "HOLOSCAN_INPUT_PATH" in result.stdout, result.stderr[-2000:]
 
 
 def test_seeds_of_a_plugged_detector_are_used(study, models: BundleModels, tmp_path: Path) -> None:
