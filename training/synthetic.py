@@ -1,26 +1,35 @@
 """Small parametric CT phantoms with nodules, written as NIfTI plus a cohort CSV and a split.
 
 For tests, the untrained demo and smoke runs of the bundle workflows; nothing here is realistic
-enough to train a useful model (the LIDC-contour phantoms are for that). Deterministic per seed;
-patient ids are synthetic.
+enough to train a useful model (the LIDC-contour phantoms of ``python -m training.phantoms`` are for
+that). Rendering goes through :mod:`training.phantom_render`, the project's one phantom renderer:
+malignant nodules are spiculated and irregular, benign ones smooth and round; several nodules share
+one volume. Seeds are the centroids of the rendered nodule masks. Deterministic per seed; patient
+ids are synthetic.
 """
 
 from __future__ import annotations
 
 import csv
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 
-from training.bundle_path import use_bundle
-
-use_bundle()
-from scripts.geometry import voxel_to_world_lps  # noqa: E402
+from training.dicom_ct import CTGeometry, write_nifti
+from training.phantom_render import (
+    ParametricNodule,
+    PlacedNodule,
+    SceneSettings,
+    parametric_mask,
+    render_scene,
+)
 
 SPACING_MM = (0.8, 0.8, 1.5)
 SHAPE = (96, 96, 48)
+#: Default LPS position of voxel (0, 0, 0).
+ORIGIN_LPS = (-40.0, -60.0, -200.0)
 
 
 @dataclass(frozen=True)
@@ -28,7 +37,7 @@ class SyntheticNodule:
     """One nodule of a phantom: where, how large, and what it looks like.
 
     Args:
-        voxel: centre in voxel indices (i, j, k) of the phantom.
+        voxel: centre in voxel indices (i, j, k) of the phantom (the NIfTI order).
         radius_mm: radius of the solid part.
         malignant: the label.
     """
@@ -55,36 +64,72 @@ class SyntheticNodule:
             "pleural_attachment": "Absent",
         }
 
+    def parametric(self) -> ParametricNodule:
+        """The renderer's description of this nodule."""
+        if self.malignant:
+            return ParametricNodule(
+                diameter_mm=2 * self.radius_mm, shape="irregular", margin="spiculated", poorly_marginated=True
+            )
+        return ParametricNodule(
+            diameter_mm=2 * self.radius_mm, shape="round", margin="smooth", asymmetric=False
+        )
+
 
 def phantom_affine(
-    spacing: tuple[float, float, float] = SPACING_MM, origin_lps=(-40.0, -60.0, -200.0)
+    spacing: tuple[float, float, float] = SPACING_MM, origin_lps: Sequence[float] = ORIGIN_LPS
 ) -> np.ndarray:
     """RAS affine of an axial scan (i -> patient left, j -> posterior, k -> superior), as CT loads."""
-    affine = np.diag([-spacing[0], -spacing[1], spacing[2], 1.0])
-    affine[:3, 3] = [-origin_lps[0], -origin_lps[1], origin_lps[2]]
-    return affine
+    return phantom_geometry(SHAPE, spacing, origin_lps).ras_affine()
+
+
+def phantom_geometry(
+    shape: Sequence[int] = SHAPE,
+    spacing: Sequence[float] = SPACING_MM,
+    origin_lps: Sequence[float] = ORIGIN_LPS,
+) -> CTGeometry:
+    """The :class:`CTGeometry` of a phantom given in NIfTI order: shape and spacing (i, j, k)."""
+    return CTGeometry(
+        shape=(int(shape[2]), int(shape[1]), int(shape[0])),
+        pixel_spacing=(float(spacing[1]), float(spacing[0])),
+        slice_spacing=float(spacing[2]),
+        origin_lps=tuple(float(v) for v in origin_lps),
+    )
+
+
+def place_nodules(
+    nodules: Sequence[SyntheticNodule], geometry: CTGeometry, rng: np.random.Generator
+) -> list[PlacedNodule]:
+    """Each nodule's mask with its centroid at ``voxel``, cropped to the volume."""
+    spacing = geometry.spacing_krc
+    placed = []
+    for nodule in nodules:
+        spec = nodule.parametric()
+        mask = parametric_mask(spec, spacing, rng)
+        centre_krc = np.asarray(nodule.voxel, dtype=np.float64)[::-1]
+        corner = np.rint(centre_krc - np.argwhere(mask).mean(axis=0)).astype(int)
+        placed.append(PlacedNodule(mask, tuple(int(c) for c in corner), spec.look).clipped(geometry.shape))
+    return placed
+
+
+def render_phantom_with_seeds(
+    nodules: Sequence[SyntheticNodule],
+    rng: np.random.Generator,
+    shape: Sequence[int] = SHAPE,
+    spacing: Sequence[float] = SPACING_MM,
+    origin_lps: Sequence[float] = ORIGIN_LPS,
+) -> tuple[np.ndarray, list[np.ndarray]]:
+    """:func:`render_phantom` plus each nodule's seed: the world LPS centroid of its rendered mask."""
+    geometry = phantom_geometry(shape, spacing, origin_lps)
+    placed = place_nodules(nodules, geometry, rng)
+    scene = render_scene(geometry, placed, rng, settings=SceneSettings())
+    return scene.volume.transpose(2, 1, 0).copy(), [p.centroid_lps(geometry) for p in placed]
 
 
 def render_phantom(
     nodules: list[SyntheticNodule], rng: np.random.Generator, shape=SHAPE, spacing=SPACING_MM
 ) -> np.ndarray:
-    """int16 HU volume: textured lung parenchyma with the nodules (spiculated when malignant)."""
-    volume = rng.normal(-850.0, 25.0, size=shape)
-    grid = np.stack(
-        np.meshgrid(*[np.arange(n) * s for n, s in zip(shape, spacing, strict=True)], indexing="ij"), -1
-    )
-    for nodule in nodules:
-        centre = np.asarray(nodule.voxel) * spacing
-        offset = grid - centre
-        distance = np.linalg.norm(offset, axis=-1)
-        radius = nodule.radius_mm
-        if nodule.malignant:
-            # spicules: the boundary radius varies with direction
-            azimuth = np.arctan2(offset[..., 1], offset[..., 0])
-            elevation = np.arctan2(offset[..., 2], np.linalg.norm(offset[..., :2], axis=-1))
-            radius = radius * (1.0 + 0.35 * np.clip(np.sin(7 * azimuth) * np.cos(5 * elevation), 0, None))
-        volume = np.where(distance <= radius, rng.normal(30.0, 20.0, size=shape), volume)
-    return np.clip(volume, -1024, 3000).astype(np.int16)
+    """int16 HU volume in NIfTI order (i, j, k): textured lung and vessels with the nodules."""
+    return render_phantom_with_seeds(nodules, rng, shape, spacing)[0]
 
 
 def write_synthetic_cohort(
@@ -100,7 +145,7 @@ def write_synthetic_cohort(
     out_dir = Path(out_dir)
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
-    affine = phantom_affine()
+    geometry = phantom_geometry()
     rows = []
     for p in range(n_patients):
         pid = f"SYN{p:04d}"
@@ -112,18 +157,18 @@ def write_synthetic_cohort(
             )
             for n in range(nodules_per_patient)
         ]
-        image_path = out_dir / "images" / f"{pid}.nii.gz"
-        nib.save(nib.Nifti1Image(render_phantom(nodules, rng), affine), image_path)
-        for n, nodule in enumerate(nodules):
-            x, y, z = voxel_to_world_lps(affine, np.asarray(nodule.voxel))
+        volume, seeds = render_phantom_with_seeds(nodules, rng)
+        write_nifti(volume.transpose(2, 1, 0), geometry, out_dir / "images" / f"{pid}.nii.gz")
+        for n, (nodule, seed_lps) in enumerate(zip(nodules, seeds, strict=True)):
+            x, y, z = (float(v) for v in seed_lps)
             rows.append(
                 {
                     "pid": pid,
                     "nodule_id": n,
                     "image_path": f"images/{pid}.nii.gz",
-                    "coordX": round(float(x), 3),
-                    "coordY": round(float(y), 3),
-                    "coordZ": round(float(z), 3),
+                    "coordX": round(x, 3),
+                    "coordY": round(y, 3),
+                    "coordZ": round(z, 3),
                     "malignant": int(nodule.malignant),
                     "mean_diameter": round(2 * nodule.radius_mm, 1),
                     **nodule.semantics,

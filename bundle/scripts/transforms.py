@@ -310,9 +310,17 @@ class LoadCT(Transform):
 
     def __init__(self, base_dir: str | Path | None = None, series_name: str = "") -> None:
         self.base_dir = Path(base_dir) if base_dir else None
-        common: dict[str, Any] = {"image_only": True, "ensure_channel_first": True, "dtype": np.float32}
-        self._nifti = LoadImage(reader=NibabelReader(), **common)
-        self._itk = LoadImage(reader=ITKReader(series_name=series_name), **common)
+        self.series_name = series_name
+        self._common: dict[str, Any] = {"image_only": True, "ensure_channel_first": True, "dtype": np.float32}
+        self._nifti = LoadImage(reader=NibabelReader(), **self._common)
+        self._itk_loader: LoadImage | None = None
+
+    @property
+    def _itk(self) -> LoadImage:
+        # built on first use: NIfTI-only pipelines work where ITK is not installed
+        if self._itk_loader is None:
+            self._itk_loader = LoadImage(reader=ITKReader(series_name=self.series_name), **self._common)
+        return self._itk_loader
 
     def __call__(self, path: str | Path) -> MetaTensor:  # type: ignore[override]
         """Read ``path``.
