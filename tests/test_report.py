@@ -134,10 +134,33 @@ def _unescape(literal: bytes) -> str:
     return re.sub(rb"\\([0-7]{1,3}|.)", replace, literal).decode("cp1252")
 
 
+_IMAGE_HEADER = re.compile(rb"<<([^>]*?/Subtype /Image[^>]*?)>>\s*stream\r?\n", flags=re.DOTALL)
+
+
+def _image_streams(pdf: bytes) -> list[tuple[bytes, int, int]]:
+    """(dictionary, start, end) of every image XObject's stream data, found by its /Length: the
+    data is binary (Flate without an ASCII85 layer)."""
+    streams = []
+    for match in _IMAGE_HEADER.finditer(pdf):
+        length = int(re.search(rb"/Length (\d+)", match.group(1)).group(1))
+        streams.append((match.group(1), match.end(), match.end() + length))
+    return streams
+
+
+def _without_images(pdf: bytes) -> bytes:
+    """The PDF without its image stream data, so binary bytes never pass for text operators."""
+    pieces, position = [], 0
+    for _, start, end in _image_streams(pdf):
+        pieces.append(pdf[position:start])
+        position = end
+    pieces.append(pdf[position:])
+    return b"".join(pieces)
+
+
 def _text_blocks(pdf: bytes) -> list[str]:
     """The text of every BT .. ET block, in drawing order (pieces of one block joined)."""
     blocks = []
-    for block in re.findall(rb"BT (.*?) ET", pdf, flags=re.DOTALL):
+    for block in re.findall(rb"BT (.*?) ET", _without_images(pdf), flags=re.DOTALL):
         pieces = re.findall(rb"\(((?:[^()\\]|\\.)*)\)\s*Tj", block, flags=re.DOTALL)
         if pieces:
             blocks.append("".join(_unescape(piece) for piece in pieces))
@@ -155,15 +178,16 @@ def _pages(pdf: bytes) -> list[list[str]]:
 
 
 def _images(pdf: bytes) -> list[np.ndarray]:
-    """Every grey image XObject of an uncompressed reportlab PDF, decoded."""
+    """Every grey image XObject of a reportlab PDF, decoded (Flate, with or without ASCII85)."""
     images = []
-    pattern = rb"<<([^>]*?/Subtype /Image[^>]*?)>>\s*stream\r?\n(.*?)endstream"
-    for header, data in re.findall(pattern, pdf, flags=re.DOTALL):
-        assert b"/ASCII85Decode /FlateDecode" in header and b"/DeviceGray" in header
+    for header, start, end in _image_streams(pdf):
+        data = pdf[start:end]
+        assert b"/DeviceGray" in header and b"/FlateDecode" in header
+        if b"/ASCII85Decode" in header:
+            data = base64.a85decode(data.strip().removesuffix(b"~>"))
         width = int(re.search(rb"/Width (\d+)", header).group(1))
         height = int(re.search(rb"/Height (\d+)", header).group(1))
-        raw = zlib.decompress(base64.a85decode(data.strip().removesuffix(b"~>")))
-        images.append(np.frombuffer(raw, dtype=np.uint8).reshape(height, width))
+        images.append(np.frombuffer(zlib.decompress(data), dtype=np.uint8).reshape(height, width))
     return images
 
 
@@ -393,6 +417,140 @@ def test_pdf_without_planes_and_with_bad_planes() -> None:
             series_description=None,
             study_date=None,
         )
+
+
+def test_pdf_streams_are_binary_and_the_reportlab_setting_is_restored() -> None:
+    from reportlab import rl_config
+
+    before = rl_config.useA85
+    pdf = report.render_report_pdf(
+        _result(), study_description=None, series_description=None, study_date=None
+    )
+    assert rl_config.useA85 == before
+    assert b"/ASCII85Decode" not in pdf
+    assert len(_images(pdf)) == 18
+
+
+# --------------------------------------------------------------------------------------------------
+# Secondary Capture montage
+# --------------------------------------------------------------------------------------------------
+
+_YELLOW = np.array([255, 212, 0])
+_RED = np.array([176, 0, 32])
+
+
+def _panel(pixels: np.ndarray, plane: int) -> np.ndarray:
+    top, left = report.montage_panel_origin(plane)
+    return pixels[top : top + report.MONTAGE_PANEL, left : left + report.MONTAGE_PANEL].astype(np.float64)
+
+
+def _with_planes(planes: np.ndarray | None, attention: tuple[float, ...] = ATTENTION) -> SeriesResult:
+    result = _result()
+    nodule = NoduleResult(
+        seed=result.nodules[0].seed,
+        malignancy=0.5,
+        malignancy_per_fold=(),
+        semantic={},
+        attention=attention,
+        planes=planes,
+    )
+    return SeriesResult((nodule,), (), result.model)
+
+
+@pytest.fixture(scope="module")
+def montage() -> np.ndarray:
+    result = _result()
+    return report.render_montage(result, result.nodules[0])
+
+
+def test_montage_size_and_determinism(montage: np.ndarray) -> None:
+    assert montage.shape == (*report.MONTAGE_SIZE, 3) == (960, 768, 3) and montage.dtype == np.uint8
+    result = _result()
+    np.testing.assert_array_equal(report.render_montage(result, result.nodules[0]), montage)
+    assert not np.array_equal(report.render_montage(result, result.nodules[1]), montage)
+
+
+def test_montage_shows_the_planes_pixel_for_pixel(montage: np.ndarray) -> None:
+    """Away from the seed cross and the edge letters, each panel is the plane's grey, unchanged."""
+    seed_row, seed_column = report.seed_pixel_position((224, 224))
+    rows, columns = np.mgrid[:224, :224]
+    near_cross = (np.abs(rows - seed_row) < 22) & (np.abs(columns - seed_column) < 22)
+    near_letters = (rows < 16) | (rows >= 208) | (columns < 24) | (columns >= 200)
+    untouched = ~near_cross & ~near_letters
+    for plane, image in enumerate(_planes(0)):
+        grey = np.rint(np.clip(image, 0, 1) * 255)
+        panel = _panel(montage, plane)
+        np.testing.assert_array_equal(panel[untouched], np.repeat(grey[untouched][:, None], 3, axis=1))
+        assert np.mean(np.all(panel == grey[..., None], axis=-1)) > 0.95
+
+
+@pytest.mark.parametrize("size", [224, 50])
+def test_montage_seed_cross_is_centred_on_the_seed(size: int) -> None:
+    """The cross is blended over a uniform grey (g = 128): its coverage a = 1 - blue / g, and the
+    coverage-weighted centre is the seed: exactly for 224-pixel planes (shown pixel for pixel), within
+    the block of panel pixels that shows the seed's plane pixel for 50-pixel planes (nearest neighbour)."""
+    grey = float(np.rint(0.5 * 255))
+    uniform = _with_planes(np.full((9, size, size), 0.5))
+    pixels = report.render_montage(uniform, uniform.nodules[0])
+    if size == 224:
+        expected, tolerance = report.seed_pixel_position((224, 224)), 0.02
+    else:  # where the seed's plane pixel (row and column size // 2) lands
+        striped = np.full((9, size, size), 0.5)
+        striped[:, size // 2, :] = striped[:, :, size // 2] = 0.25
+        marked = _with_planes(striped)
+        panel = _panel(report.render_montage(marked, marked.nodules[0]), 0)
+        dark_rows = np.flatnonzero(panel[:, 40, 2] < 100)
+        dark_columns = np.flatnonzero(panel[40, :, 2] < 100)
+        expected, tolerance = (dark_rows.mean(), dark_columns.mean()), 0.5
+    for plane in range(9):
+        panel = _panel(pixels, plane)
+        rows, columns = np.mgrid[:224, :224]
+        window = (np.abs(rows - expected[0]) < 24) & (np.abs(columns - expected[1]) < 24)
+        coverage = np.where(window, np.clip(1.0 - panel[..., 2] / grey, 0.0, 1.0), 0.0)
+        assert coverage.max() == pytest.approx(1.0, abs=0.01)  # solid yellow at the arms' middle
+        assert np.all(coverage[~window] == 0)
+        centre = (np.sum(rows * coverage) / coverage.sum(), np.sum(columns * coverage) / coverage.sum())
+        assert centre == pytest.approx(expected, abs=tolerance)
+        solid = coverage > 0.99
+        np.testing.assert_array_equal(panel[solid], np.broadcast_to(_YELLOW, (int(solid.sum()), 3)))
+
+
+def test_montage_frames_the_plane_with_the_most_attention(montage: np.ndarray) -> None:
+    focus = int(np.argmax(ATTENTION))
+    for plane in range(9):
+        top, left = report.montage_panel_origin(plane)
+        ring = montage[top - 2, left + 10 : left + 200]  # a row of the frame, outside the panel
+        if plane == focus:
+            np.testing.assert_array_equal(ring, np.broadcast_to(_RED, ring.shape))
+        else:
+            assert not ring.any()
+
+
+def test_montage_banners_and_text(montage: np.ndarray) -> None:
+    def has(region: np.ndarray, colour: np.ndarray) -> bool:
+        return bool(np.any(np.all(region == colour, axis=-1)))
+
+    top = montage[: report.montage_panel_origin(0)[0] - 16]  # everything above the plane titles
+    assert has(montage[:30], _RED)  # the research banner
+    assert has(montage[31:60], np.array([68, 68, 68]))  # the demo banner
+    assert has(top[60:], _YELLOW)  # the probability
+    assert has(top[60:], np.array([255, 255, 255]))  # label, findings
+    assert has(montage[-14:], np.array([170, 170, 170]))  # the footer
+    trained = _result(untrained_demo=False)
+    plain = report.render_montage(trained, trained.nodules[0])
+    assert has(plain[:30], _RED) and not has(plain[31:60], np.array([68, 68, 68]))
+
+
+def test_montage_without_planes() -> None:
+    result = _with_planes(None, attention=())
+    pixels = report.render_montage(result, result.nodules[0])
+    for plane in range(9):
+        panel = _panel(pixels, plane)
+        assert np.mean(np.all(panel == 64, axis=-1)) > 0.97  # grey, with "not available" in white
+        assert np.any(np.all(panel == 255, axis=-1))
+        assert not np.any(np.all(panel == _YELLOW, axis=-1))
+        top, left = report.montage_panel_origin(plane)
+        assert not pixels[top - 2, left + 10 : left + 200].any()  # no attention, no frame
 
 
 # --------------------------------------------------------------------------------------------------

@@ -9,9 +9,11 @@ import stat
 import subprocess
 from pathlib import Path
 
+import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
+from pydicom.sr.codedict import codes
 from pydicom.valuerep import DS
 
 from deploy_app.dicom_io import write_dataset
@@ -23,6 +25,7 @@ from deploy_app.sr import (
     UNTRAINED_DEMO_WARNING,
     build_measurement_report,
     device_observer_uid,
+    nodule_group,
     read_measurement_report,
 )
 from scripts.vocabulary import FEATURES, PRIVATE_SCHEME
@@ -334,3 +337,67 @@ def test_write_dataset_is_atomic_and_honours_the_umask(
         write_dataset(broken, target)
     assert target.read_bytes() == before  # the old file is intact
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sr.dcm"]  # no temporary file left
+
+
+def test_fast_assembly_equals_highdicoms_own(ct: list[pydicom.Dataset]) -> None:
+    """assemble_report builds the document around a childless root (highdicom would deep-copy and
+    search the whole tree): the content, the evidence and ``document.content`` are the same as when
+    highdicom's constructor gets the whole tree."""
+    result = make_result(skipped=SKIPPED)
+    sr = build_measurement_report(ct, result, series_instance_uid="1.2.3.4", sop_instance_uid="1.2.3.5")
+    root = sr.content[0]
+    assert len(root.ContentSequence) == len(sr.ContentSequence) > 0
+    assert all(a is b for a, b in zip(root.ContentSequence, sr.ContentSequence, strict=True))
+    reference = hd.sr.Comprehensive3DSR(
+        evidence=ct,
+        content=root,
+        series_instance_uid=sr.SeriesInstanceUID,
+        series_number=sr.SeriesNumber,
+        sop_instance_uid=sr.SOPInstanceUID,
+        instance_number=sr.InstanceNumber,
+        manufacturer=sr.Manufacturer,
+        is_complete=False,
+    )
+    assert reference.ContentSequence == sr.ContentSequence
+    assert reference.CurrentRequestedProcedureEvidenceSequence == sr.CurrentRequestedProcedureEvidenceSequence
+    assert len(hd.sr.MeasurementReport.from_sequence(sr.content).get_planar_roi_measurement_groups()) == len(
+        result.nodules
+    )
+
+
+def test_nodule_group_equals_highdicoms_own() -> None:
+    """nodule_group adds measurements and evaluations itself (skipping highdicom's coordinate search):
+    the group is item for item the one highdicom's constructor makes."""
+    seed = NoduleSeed((1.0, 2.0, 3.0), "Nodule 1", "test")
+    algorithm = hd.sr.AlgorithmIdentification(name="a", version="1")
+
+    def measurements() -> list[hd.sr.Measurement]:
+        return [
+            hd.sr.Measurement(name=codes.DCM.ProbabilityOfCancer, value=0.25, unit=codes.UCUM.NoUnits),
+            hd.sr.Measurement(
+                name=codes.DCM.CertaintyOfFeature, value=0.5, unit=codes.UCUM.NoUnits, algorithm_id=algorithm
+            ),
+        ]
+
+    evaluations = [hd.sr.QualitativeEvaluation(name=codes.SCT.Shape, value=codes.SCT.Round)]
+    fast = nodule_group(
+        seed, "1.2.3", "1.2.3.9", measurements=measurements(), evaluations=evaluations, algorithm=algorithm
+    )
+    reference = hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(uid="1.2.3.9", identifier="Nodule 1"),
+        referenced_region=hd.sr.ImageRegion3D(
+            graphic_type=hd.sr.GraphicTypeValues3D.POINT,
+            graphic_data=np.asarray([seed.position_lps]),
+            frame_of_reference_uid="1.2.3",
+        ),
+        finding_type=codes.SCT.Nodule,
+        finding_sites=[hd.sr.FindingSite(anatomic_location=codes.SCT.Lung)],
+        algorithm_id=algorithm,
+        measurements=measurements(),
+        qualitative_evaluations=evaluations,
+        geometric_purpose=codes.DCM.Center,
+    )
+    names = [item.name.meaning for item in fast[0].ContentSequence]
+    assert names == [item.name.meaning for item in reference[0].ContentSequence]
+    assert fast[0].ContentSequence == reference[0].ContentSequence
+    assert names[-3:] == ["Shape", "Geometric purpose of region", "Image Region"]
