@@ -86,12 +86,17 @@ test: $(STAMP) tools  ## lint, then run pytest offline in a private network name
 		sh -c "$$run"; \
 	fi
 
-demo: $(STAMP)  ## run the end-to-end demo (synthetic data, tiny model) into demo_output/
+demo: $(STAMP)  ## phantom DICOM study -> deploy app (demo model) -> SR + PDF report in demo_output/
 	$(PY) -m training.demo
 
-bench: $(STAMP)  ## run the preprocessing and training-step benchmarks
+bench: $(STAMP)  ## run the benchmarks (preprocessing, training step, writers, evaluation, phantoms, deploy app)
 	$(PY) bench/bench_preprocessing.py
 	$(PY) bench/bench_training_step.py
+	$(PY) bench/bench_writers.py
+	$(PY) bench/bench_evaluate.py
+	$(PY) bench/bench_phantoms.py
+	$(PY) bench/bench_inference.py --device cpu --folds 5
+	$(PY) bench/bench_deploy.py
 
 lint: $(STAMP)  ## ruff check
 	$(RUFF) check .

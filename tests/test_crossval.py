@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -29,8 +30,14 @@ def cohort(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 @pytest.fixture(scope="module")
 def bundle(cohort, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("out") / "bundle"
-    return crossval(cohort[0], cohort[1], out, overrides=TINY)
+    root = tmp_path_factory.mktemp("out")
+    here = Path.cwd()
+    os.chdir(root)  # relative paths, as a user types them (each fold trains from the bundle folder)
+    try:
+        relative = [Path(os.path.relpath(p, root)) for p in cohort]
+        return crossval(relative[0], relative[1], Path("bundle"), overrides=TINY).resolve()
+    finally:
+        os.chdir(here)
 
 
 def test_bundle_holds_every_fold_calibrated_and_recorded(bundle: Path, cohort) -> None:

@@ -426,7 +426,8 @@ def test_real_tiny_models_end_to_end(tiny_bundle: dict[str, Path], tmp_path: Pat
     metrics = pd.read_csv(out / "metrics.csv")
     assert list(metrics["predictor"]) == ["model", "model_calibrated", "baseline_size", "baseline_semantic"]
     report = (out / "report.md").read_text()
-    assert "lung_nodule_ct_semantic_clip 0.1.0" in report
+    metadata = json.loads((tiny_bundle["bundle"] / "configs" / "metadata.json").read_text())
+    assert f"lung_nodule_ct_semantic_clip {metadata['version']}" in report
     assert "per-fold beta calibration from calibration.json" in report
     assert "Nodules: 8 from 8 patients; malignant 4, benign 4" in report
 

@@ -185,7 +185,8 @@ def crossval(
     device: str | None = None,
 ) -> Path:
     """Train, export and calibrate every fold; write the deployable bundle ``out`` (all or nothing)."""
-    cohort, split_dir, out = Path(cohort).resolve(), Path(split_dir).resolve(), Path(out)
+    # absolute paths: each fold trains in a process whose working folder is the bundle
+    cohort, split_dir, out = Path(cohort).resolve(), Path(split_dir).resolve(), Path(out).resolve()
     overrides = dict(overrides or {})
     if checkpoint not in CHECKPOINTS:
         raise UserInputError(f"--checkpoint must be one of {', '.join(CHECKPOINTS)}, got '{checkpoint}'")
@@ -200,7 +201,7 @@ def crossval(
     if unknown or not chosen:
         raise UserInputError(f"split folder '{split_dir}' has folds {available}; asked for {chosen}")
     plan = read_split_plan(split_dir, chosen, {r.pid for r in records})
-    work = Path(work) if work is not None else out.parent / f"{out.name}.work"
+    work = Path(work).resolve() if work is not None else out.parent / f"{out.name}.work"
     results: dict[int, dict[str, Any]] = {}
     for fold in chosen:
         fold_dir = work / f"fold_{fold}"

@@ -39,8 +39,6 @@ import json
 import logging
 import math
 import re
-import shutil
-import tempfile
 from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -64,6 +62,7 @@ from training.metrics import (
     evaluate_semantic_feature,
     patient_resample_counts,
 )
+from training.staging import new_output_folder
 
 use_bundle()
 from scripts.calibration import CALIBRATION_FILE, ensemble_probability, load_calibration  # noqa: E402
@@ -867,11 +866,7 @@ def write_outputs(
 ) -> Path:
     """Write every output into a temporary sibling of ``out_dir`` and rename it into place."""
     out_dir = Path(out_dir)
-    if out_dir.exists():
-        raise UserInputError(f"{out_dir} already exists; remove it or choose another --out")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with new_output_folder(out_dir) as staging:
         predictions.to_csv(staging / "predictions.csv", index=False)
         metrics_table(results).to_csv(staging / "metrics.csv", index=False)
         semantic_table(results).to_csv(staging / "semantic_auroc.csv", index=False)
@@ -904,10 +899,6 @@ def write_outputs(
         _plot_curves(staging, labels, predictors, results)
         has_semantic_plot = _plot_semantic(staging, results)
         (staging / "report.md").write_text(render_report(context, results, has_semantic_plot))
-        staging.rename(out_dir)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
     return out_dir
 
 

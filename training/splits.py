@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import shutil
-import tempfile
 from collections import Counter
 from pathlib import Path
 
@@ -19,6 +17,7 @@ import numpy as np
 from sklearn.model_selection import StratifiedKFold, train_test_split
 
 from training.bundle_path import use_bundle
+from training.staging import new_output_folder
 
 use_bundle()
 from scripts.cohort import read_cohort  # noqa: E402
@@ -74,12 +73,7 @@ def make_splits(
 
 def write_splits(splits: list[tuple[list[str], list[str]]], test: list[str], out_dir: str | Path) -> Path:
     """Write the split folder atomically (a temporary sibling renamed into place)."""
-    out_dir = Path(out_dir)
-    if out_dir.exists():
-        raise UserInputError(f"{out_dir} already exists; remove it or choose another --out")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with new_output_folder(out_dir) as staging:
         for k, (train, val) in enumerate(splits):
             fold = staging / f"fold_{k}"
             fold.mkdir()
@@ -87,11 +81,7 @@ def write_splits(splits: list[tuple[list[str], list[str]]], test: list[str], out
                 (fold / name).write_text("pid\n" + "".join(f"{p}\n" for p in pids))
         if test:
             (staging / "test_pid.csv").write_text("pid\n" + "".join(f"{p}\n" for p in test))
-        staging.rename(out_dir)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
-    return out_dir
+    return Path(out_dir)
 
 
 @exit_on_user_error
