@@ -86,18 +86,28 @@ class SeriesResult:
     model: ModelInfo
 
 
-def results_table(result: SeriesResult, top: int = 3) -> str:
-    """A plain-text table: nodule, seed position, probability of cancer and the most certain findings."""
-    lines = [f"{'nodule':<12} {'seed LPS (mm)':<26} {'P(cancer)':>9}  top findings (probability)"]
+#: Findings the summary table shows: those the paper evaluates zero-shot (margin, consistency, shape,
+#: pleural attachment); the SR and the PDF carry every feature.
+SUMMARY_FEATURES = {
+    "nodule_margin_conspicuity": "margin",
+    "nodule_consistency": "consistency",
+    "nodule_shape": "shape",
+    "pleural_attachment": "pleural attachment",
+}
+
+
+def results_table(result: SeriesResult) -> str:
+    """A plain-text table: nodule, seed position, probability of cancer and the key findings."""
+    lines = [f"{'nodule':<12} {'seed LPS (mm)':<26} {'P(cancer)':>9}  findings (probability)"]
     for nodule in result.nodules:
         x, y, z = nodule.seed.position_lps
-        findings = sorted(
-            (nodule.predicted_value(column) + (column,) for column in nodule.semantic),
-            key=lambda item: -item[1],
-        )[:top]
-        shown = "; ".join(f"{column}: {value} ({p:.2f})" for value, p, column in findings)
+        shown = []
+        for column, name in SUMMARY_FEATURES.items():
+            if column in nodule.semantic:
+                value, probability = nodule.predicted_value(column)
+                shown.append(f"{name}: {value} ({probability:.2f})")
         position = f"({x:7.1f}, {y:7.1f}, {z:7.1f})"
-        lines.append(f"{nodule.seed.label:<12} {position:<26} {nodule.malignancy:>9.3f}  {shown}")
+        lines.append(f"{nodule.seed.label:<12} {position:<26} {nodule.malignancy:>9.3f}  {'; '.join(shown)}")
     for skipped in result.skipped:
         lines.append(f"{skipped.seed.label:<12} skipped ({skipped.seed.source}): {skipped.reason}")
     return "\n".join(lines)

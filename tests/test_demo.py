@@ -1,4 +1,4 @@
-"""``make demo``: a phantom DICOM study through the deploy app to an SR and a report, clearly untrained."""
+"""``make demo``: a phantom DICOM study through the deploy app and the demo model to an SR and a report."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from conftest import REPO_ROOT
 from deploy_app.sr import read_measurement_report
 
 
-def test_demo_runs_end_to_end_and_says_it_is_untrained(tmp_path: Path) -> None:
+def test_demo_runs_end_to_end_with_the_committed_demo_model(tmp_path: Path) -> None:
     output = tmp_path / "demo_output"
     result = subprocess.run(
         [sys.executable, "-m", "training.demo", "--output", str(output)],
@@ -19,7 +19,8 @@ def test_demo_runs_end_to_end_and_says_it_is_untrained(tmp_path: Path) -> None:
         text=True,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.count("UNTRAINED DEMO MODEL") == 2
+    assert result.stdout.count("DEMO MODEL: a tiny CLIP trained on synthetic CT phantoms") == 2
+    assert "5 calibrated folds" in result.stdout
     reports = list((output / "results").glob("*/sr.dcm"))
     assert len(reports) == 1
     nodules = read_measurement_report(reports[0])

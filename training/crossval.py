@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 
 from training.bundle_path import BUNDLE_ROOT, copy_bundle, use_bundle
@@ -146,18 +147,20 @@ def build_network(overrides: dict[str, Any]) -> torch.nn.Module:
 
 
 def _label_policy(cohort: Path) -> Any:
-    """The cohort's label policy, from a JSON sidecar written by the data tools, if any."""
+    """The cohort's label policy: its ``label_policy`` column (LIDC tables and phantoms carry one),
+    else a JSON sidecar with a ``label_policy`` entry, else a note that none was recorded."""
+    header = pd.read_csv(cohort, nrows=0).columns
+    if "label_policy" in header:
+        policies = pd.read_csv(cohort, usecols=["label_policy"], dtype=str)["label_policy"].dropna()
+        return {"source": f"{cohort.name}: column label_policy", "policies": sorted(set(policies))}
     for sidecar in (cohort.with_suffix(".json"), cohort.parent / "phantoms.json"):
-        if sidecar.is_file():
-            try:
-                content = json.loads(sidecar.read_text())
-            except ValueError:
-                continue
-            return {
-                "source": str(sidecar),
-                "label_policy": content.get("label_policy", content.get("policy")),
-            }
-    return "not recorded (no JSON sidecar beside the cohort CSV)"
+        try:
+            content = json.loads(sidecar.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(content, dict) and "label_policy" in content:
+            return {"source": str(sidecar), "label_policy": content["label_policy"]}
+    return "not recorded (no label_policy column or JSON sidecar with the cohort CSV)"
 
 
 def _versions() -> dict[str, str]:

@@ -5,8 +5,9 @@ demo bundle, runs the MONAI Deploy application on the study and prints one line 
 results are left in ``demo_output/``: ``input/`` (the study), ``bundle/`` and ``results/<series>/``
 (``sr.dcm``, ``report_pdf.dcm``, ``report.pdf``, ``nodule_<n>_sc.dcm``).
 
-Until a project-trained demo model ships, the bundle holds a tiny UNTRAINED model: the pipeline runs
-end to end, the numbers mean nothing, and the output, the SR and the report all say so.
+The demo model is a tiny CLIP that this project trained on synthetic CT phantoms built from LIDC-IDRI
+reader contours (``bundle/models/demo/``, model card in ``bundle/docs/README.md``): it shows the
+pipeline, not a clinical result.
 """
 
 from __future__ import annotations
@@ -24,13 +25,16 @@ from deploy_app.app import process_folder  # noqa: E402
 from deploy_app.findings import results_table  # noqa: E402
 from deploy_app.inference import BundleModels  # noqa: E402
 from training.bundle_path import use_bundle  # noqa: E402
-from training.demo_bundle import build_untrained_bundle  # noqa: E402
+from training.demo_bundle import build_demo_bundle  # noqa: E402
 from training.demo_study import write_demo_study  # noqa: E402
 
 use_bundle()
 from scripts.errors import exit_on_user_error  # noqa: E402
 
-BANNER = "UNTRAINED DEMO MODEL (random weights): outputs are meaningless. Research use only."
+BANNER = (
+    "DEMO MODEL: a tiny CLIP trained on synthetic CT phantoms (LIDC-IDRI reader contours), for "
+    "demonstration only. Research use only; not for clinical decisions."
+)
 
 
 @exit_on_user_error
@@ -39,10 +43,8 @@ def run_demo(output_dir: Path) -> int:
     if output_dir.exists():
         shutil.rmtree(output_dir)
     study = write_demo_study(output_dir / "input", n_nodules=3)
-    bundle = build_untrained_bundle(output_dir / "bundle", folds=1)
-    models = BundleModels.load(bundle)
-    if models.info.untrained_demo:
-        print(BANNER)
+    models = BundleModels.load(build_demo_bundle(output_dir / "bundle"))
+    print(BANNER)
     outcome = process_folder(output_dir / "input", output_dir / "results", models=models)
     for failure in outcome.failures:
         print(f"error: {failure.series}: {failure.message}", file=sys.stderr)
@@ -50,9 +52,9 @@ def run_demo(output_dir: Path) -> int:
     if result is None:
         return 1
     print(f"\nCT series {study.series.series_instance_uid}: {len(result.nodules)} nodule(s) (seeds SR)")
+    print(f"model: {models.info.name} {models.info.version}, {models.info.folds} calibrated folds")
     print(results_table(result))
-    if models.info.untrained_demo:
-        print(f"\n{BANNER}")
+    print(f"\n{BANNER}")
     folder = output_dir / "results" / study.series.series_instance_uid
     print(f"\nStructured report: {folder / 'sr.dcm'}")
     print(f"Readable report:   {folder / 'report.pdf'} (also as DICOM: {folder / 'report_pdf.dcm'})")

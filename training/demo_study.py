@@ -1,7 +1,8 @@
 """A small phantom CT study as a PACS would send it: a DICOM CT series plus a seeds SR.
 
-Used by ``make demo``, the deploy app's tests and the PACS integration test. The nodules are simple
-spheres in textured lung; the LIDC-contour phantoms (``training.phantoms``) are the realistic ones.
+Used by ``make demo``, the deploy app's tests and the PACS integration test. The study is rendered by
+the phantom renderer of ``training.phantoms`` (textured lung, vessels) with parametric nodules of
+different looks; each seed is the world centroid of its rendered nodule.
 """
 
 from __future__ import annotations
@@ -11,12 +12,12 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
-from scipy.ndimage import gaussian_filter
 
 from deploy_app.dicom_io import write_dataset
 from deploy_app.findings import NoduleSeed
 from deploy_app.seeds import build_seed_sr
 from training.dicom_ct import CTGeometry, SyntheticPatient, WrittenSeries, write_ct_series
+from training.phantom_render import ParametricNodule, PlacedNodule, parametric_mask, render_scene
 
 DEMO_GEOMETRY = CTGeometry(
     shape=(64, 160, 160), pixel_spacing=(0.75, 0.75), slice_spacing=2.0, origin_lps=(-60.0, -40.0, -180.0)
@@ -32,17 +33,26 @@ class DemoStudy:
     seed_sr: Path | None
 
 
-def _render(geometry: CTGeometry, centres_lps: np.ndarray, radii_mm: np.ndarray, seed: int) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    texture = gaussian_filter(rng.normal(0.0, 1.0, size=geometry.shape), sigma=1.5)
-    volume = -850.0 + 60.0 * texture / texture.std()
-    k, r, c = np.indices(geometry.shape, dtype=np.float64)
-    points = geometry.index_to_lps(np.stack([k, r, c], axis=-1))
-    for centre, radius in zip(centres_lps, radii_mm, strict=True):
-        inside = np.linalg.norm(points - centre, axis=-1) <= radius
-        volume[inside] = rng.normal(30.0, 20.0, size=int(inside.sum()))
-    volume = gaussian_filter(volume, sigma=0.7) + rng.normal(0.0, 15.0, size=geometry.shape)
-    return np.clip(volume, -1024, 3000)
+#: The looks of the demo nodules, in order: large spiculated solid, small smooth, part-solid lobulated, ...
+DEMO_NODULES = (
+    ParametricNodule(diameter_mm=18.0, shape="irregular", margin="spiculated"),
+    ParametricNodule(diameter_mm=6.0, shape="round", margin="smooth"),
+    ParametricNodule(diameter_mm=12.0, shape="ovoid", margin="lobulated", consistency="Part-solid"),
+    ParametricNodule(diameter_mm=9.0, shape="round", margin="smooth", calcification="central"),
+)
+
+
+def _render(
+    geometry: CTGeometry, centres_lps: np.ndarray, rng: np.random.Generator
+) -> tuple[np.ndarray, list[np.ndarray]]:
+    """The HU volume (slice, row, column) and each nodule's seed (world centroid of its mask)."""
+    placed = []
+    for centre, spec in zip(centres_lps, DEMO_NODULES, strict=False):
+        mask = parametric_mask(spec, geometry.spacing_krc, rng)
+        corner = np.rint(geometry.lps_to_index(centre) - np.argwhere(mask).mean(axis=0)).astype(int)
+        placed.append(PlacedNodule(mask, tuple(int(c) for c in corner), spec.look).clipped(geometry.shape))
+    scene = render_scene(geometry, placed, rng)
+    return scene.volume, [nodule.centroid_lps(geometry) for nodule in placed]
 
 
 def write_demo_study(
@@ -59,7 +69,7 @@ def write_demo_study(
     Args:
         folder: created if needed; must not contain a ``ct`` folder yet.
         seed: random seed of positions, sizes, texture and UIDs.
-        n_nodules: 1 to 4 nodules, 4 to 10 mm radius, well inside the scan.
+        n_nodules: 1 to 4 nodules (the first ``n_nodules`` of :data:`DEMO_NODULES`), well inside the scan.
         geometry: the CT grid.
         seed_sr: also write the seeds SR (else the caller provides seeds).
         patient_id: synthetic PatientID.
@@ -75,9 +85,7 @@ def write_demo_study(
     index = rng.uniform(0.3 * extent, 0.7 * extent, size=(n_nodules, 3))
     # spread the nodules along the slices so they do not overlap
     index[:, 0] = np.linspace(0.3, 0.7, n_nodules) * (extent[0] - 1) if n_nodules > 1 else index[:, 0]
-    centres = geometry.index_to_lps(index)
-    radii = rng.uniform(4.0, 10.0, size=n_nodules)
-    volume = _render(geometry, centres, radii, seed)
+    volume, centres = _render(geometry, geometry.index_to_lps(index), rng)
     series = write_ct_series(
         volume,
         geometry,
