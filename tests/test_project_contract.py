@@ -60,12 +60,16 @@ def test_readme_quick_start_is_make_demo_and_make_test() -> None:
     "title",
     [
         "What it is",
+        "Data",
         "Training",
-        "Evaluation and inference",
+        "Evaluation",
+        "The authors' checkpoints",
+        "Deploy application",
         "Export",
         "Using pretrained CLIP weights",
         "Tests",
         "Layout",
+        "Semantic codes",
     ],
 )
 def test_readme_sections(title: str) -> None:
