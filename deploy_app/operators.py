@@ -32,6 +32,7 @@ from deploy_app.volume import (
     SeriesVolume,
     check_series_geometry,
     describe_series,
+    rescale_to_hu,
     to_meta_tensor,
 )
 from training.bundle_path import use_bundle
@@ -155,13 +156,7 @@ class SeriesVolumesOperator(DICOMSeriesToVolumeOperator):
         if not plain:
             return super().generate_voxel_data(series)
         slope, intercept = rescale.pop()
-        stored = np.stack([d.pixel_array for d in datasets])
-        if slope == 1 and intercept == int(intercept):
-            shifted = stored.astype(np.int32) + int(intercept)
-            if shifted.min() >= np.iinfo(np.int16).min and shifted.max() <= np.iinfo(np.int16).max:
-                return shifted.astype(np.int16)
-            return shifted.astype(np.float32)
-        return (stored.astype(np.float32) * np.float32(slope) + np.float32(intercept)).astype(np.float32)
+        return rescale_to_hu(np.stack([d.pixel_array for d in datasets]), slope, intercept)
 
     def _voxels(self, series, geometry: SeriesGeometry, name: str):
         try:

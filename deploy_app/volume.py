@@ -148,6 +148,24 @@ def check_series_geometry(datasets: Sequence[pydicom.Dataset], *, min_slices: in
     return SeriesGeometry(voxel_to_lps=matrix, shape=(len(ordered), *size), datasets=ordered)
 
 
+def rescale_to_hu(stored: np.ndarray, slope: float, intercept: float) -> np.ndarray:
+    """Stored pixel values -> HU, exactly as ``stored * slope + intercept`` in float64 would give.
+
+    int16 when the rescale is integral and the result fits (CT's usual case: half the memory of
+    float32, and the ROI crop converts only what it reads), else float32. ``stored`` may be reused.
+    """
+    if slope == 1 and intercept == int(intercept):
+        shift = int(intercept)
+        low, high = int(stored.min()) + shift, int(stored.max()) + shift
+        if np.iinfo(np.int16).min <= low and high <= np.iinfo(np.int16).max:
+            volume = stored.astype(np.int16, copy=False)
+            if shift:
+                volume += np.int16(shift)
+            return volume
+        return stored.astype(np.float32) + np.float32(shift)
+    return stored.astype(np.float32) * np.float32(slope) + np.float32(intercept)
+
+
 def to_meta_tensor(voxels_krc: np.ndarray, geometry: SeriesGeometry) -> MetaTensor:
     """HU as the bundle lays volumes out: a (1, columns, rows, slices) MetaTensor view, RAS affine."""
     if tuple(voxels_krc.shape) != geometry.shape:

@@ -7,7 +7,7 @@ import pydicom
 import pytest
 import torch
 
-from deploy_app.volume import check_series_geometry, to_meta_tensor
+from deploy_app.volume import check_series_geometry, rescale_to_hu, to_meta_tensor
 from scripts.errors import UserInputError
 from scripts.transforms import LoadCT
 from training.dicom_ct import CTGeometry, SyntheticPatient, write_ct_series
@@ -94,3 +94,20 @@ def test_bad_series_are_named_with_the_problem(datasets, expected) -> None:
     with pytest.raises(UserInputError, match=expected) as error:
         check_series_geometry(datasets)
     assert "series 3 'test' (1.2.3)" in str(error.value)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "values", "slope", "intercept", "expected_dtype"),
+    [
+        (np.uint16, [0, 1024, 4095], 1.0, -1024.0, np.int16),  # unsigned storage, the usual CT rescale
+        (np.int16, [-2000, 0, 3000], 1.0, 0.0, np.int16),
+        (np.int16, [-32000, 100], 1.0, -1000.0, np.float32),  # would overflow int16
+        (np.uint16, [0, 7, 4095], 0.5, -1024.0, np.float32),  # fractional slope
+    ],
+)
+def test_rescale_to_hu_equals_the_float64_rescale(dtype, values, slope, intercept, expected_dtype) -> None:
+    stored = np.array(values, dtype=dtype)
+    expected = stored.astype(np.float64) * slope + intercept
+    hu = rescale_to_hu(stored.copy(), slope, intercept)
+    assert hu.dtype == expected_dtype
+    np.testing.assert_array_equal(hu.astype(np.float64), expected)
