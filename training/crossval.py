@@ -27,7 +27,6 @@ import platform
 import shutil
 import subprocess
 import sys
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -38,6 +37,7 @@ import torch
 
 from training.bundle_path import BUNDLE_ROOT, copy_bundle, use_bundle
 from training.evaluate import predict_with_models, read_split_plan
+from training.staging import new_output_folder
 
 use_bundle()
 from monai.bundle import ConfigParser  # noqa: E402
@@ -214,10 +214,8 @@ def crossval(
             train_fold(fold, cohort, split_dir, fold_dir, overrides, device)
         results[fold] = json.loads((fold_dir / "complete.json").read_text())
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
-    try:
-        bundle = copy_bundle(staging / "bundle")
+    with new_output_folder(out) as bundle:
+        copy_bundle(bundle, exist_ok=True)
         calibrators = {}
         for index, fold in enumerate(chosen):
             target = bundle / "models" / f"fold_{index}"
@@ -257,9 +255,6 @@ def crossval(
             "versions": _versions(),
         }
         (bundle / "models" / RECORD_FILE).write_text(json.dumps(record, indent=2))
-        os.replace(bundle, out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     logger.info("wrote %s (%d fold models, calibrated)", out, len(chosen))
     return out
 
