@@ -22,7 +22,7 @@ import pytest
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import Verification
 
-from conftest import REPO_ROOT
+from conftest import CI_STRICT, REPO_ROOT
 from deploy_app import pacs
 from deploy_app.inference import BundleModels
 from deploy_app.pacs import (
@@ -484,7 +484,6 @@ def test_sigterm_finishes_the_current_study_then_stops(tmp_path: Path) -> None:
 # --- Integration with a real Orthanc (only inside a private network namespace) ----------------
 
 ORTHANC = shutil.which("Orthanc")
-STRICT = os.environ.get("CI", "") in {"true", "1", "yes", "TRUE", "True", "YES"}
 ORTHANC_AET = "ORTHANC"
 LISTENER_AET = "LNSC_TEST"
 
@@ -497,7 +496,7 @@ def require_isolated_orthanc() -> str:
     if ORTHANC is None:
         problems.append("Orthanc is not installed (apt-get install orthanc)")
     if problems:
-        (pytest.fail if STRICT else pytest.skip)("; ".join(problems))
+        (pytest.fail if CI_STRICT else pytest.skip)("; ".join(problems))
     interfaces = sorted(name for _, name in socket.if_nameindex())
     if interfaces != ["lo"]:  # LNSC_PRIVATE_NETNS=1 but not isolated: never expose Orthanc
         pytest.fail(

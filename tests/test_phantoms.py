@@ -7,8 +7,6 @@ tests do not depend on ``training.lidc``.
 from __future__ import annotations
 
 import csv
-import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +18,7 @@ import pydicom
 import pytest
 import scipy.ndimage as ndi
 
+from conftest import require_tool
 from scripts.cohort import read_cohort
 from scripts.data import cohort_items
 from scripts.errors import UserInputError
@@ -176,17 +175,8 @@ def test_rendered_nodule_centroid_is_the_written_seed(parametric_run: Path, read
 # --------------------------------------------------------------------------------------------------
 
 
-def _dciodvfy() -> str:
-    tool = shutil.which("dciodvfy")
-    if tool is None:
-        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-            pytest.fail("dciodvfy (Debian dicom3tools) is missing and CI is set")
-        pytest.skip("dciodvfy (dicom3tools) is not installed")
-    return tool
-
-
 def test_every_dicom_series_passes_dciodvfy(parametric_run: Path) -> None:
-    tool = _dciodvfy()
+    tool = require_tool("dciodvfy")
     folders = [parametric_run / p for p in pd.read_csv(parametric_run / "cohort.csv").dicom_path]
     assert folders
     for folder in folders:

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import base64
 import datetime
-import os
 import re
-import shutil
 import subprocess
 import zlib
 from pathlib import Path
@@ -16,6 +14,7 @@ import pydicom
 import pytest
 import torch
 
+from conftest import require_tool
 from deploy_app import report
 from deploy_app.dicom_io import write_dataset
 from deploy_app.findings import ModelInfo, NoduleResult, NoduleSeed, SeriesResult, SkippedSeed
@@ -563,11 +562,7 @@ def _assert_dciodvfy_clean(*paths: Path) -> None:
 
     Called last in a test, so the other checks run even where the tool is missing.
     """
-    tool = shutil.which("dciodvfy")
-    if tool is None:
-        if os.environ.get("CI"):
-            pytest.fail("dciodvfy (Debian dicom3tools) is required under CI")
-        pytest.skip("dciodvfy (Debian dicom3tools) is not installed")
+    tool = require_tool("dciodvfy")
     for path in paths:
         run = subprocess.run([tool, str(path)], capture_output=True, text=True, timeout=60, check=False)
         errors = [line for line in (run.stdout + run.stderr).splitlines() if line.startswith("Error")]

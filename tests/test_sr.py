@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import os
-import shutil
 import stat
 import subprocess
 from pathlib import Path
@@ -16,6 +15,7 @@ import pytest
 from pydicom.sr.codedict import codes
 from pydicom.valuerep import DS
 
+from conftest import require_tool
 from deploy_app.dicom_io import write_dataset
 from deploy_app.findings import ModelInfo, NoduleResult, NoduleSeed, SeriesResult, SkippedSeed
 from deploy_app.seeds import build_seed_sr
@@ -38,16 +38,6 @@ MODEL = ModelInfo(name="lung_nodule_ct_semantic_clip", version="0.1.0", folds=5,
 #: Enough nodules that every value of every feature (at most 4 per feature) is predicted once.
 N_NODULES = max(len(feature.values) for feature in FEATURES)
 OWN_TRACKING_UID = "1.2.826.0.1.3680043.8.498.1234567"
-
-
-def _require_tool(name: str) -> str:
-    """Path of a DICOM tool; skip when it is missing locally, fail when it is missing in CI."""
-    path = shutil.which(name)
-    if path is None:
-        if os.environ.get("CI"):
-            pytest.fail(f"{name} is required in CI (Debian packages dicom3tools / dcmtk)")
-        pytest.skip(f"{name} is not installed")
-    return path
 
 
 def semantic_probabilities(nodule_index: int, rng: np.random.Generator) -> dict[str, dict[str, float]]:
@@ -118,7 +108,7 @@ def seed_sr_file(ct: list[pydicom.Dataset], tmp_path_factory: pytest.TempPathFac
 
 @pytest.mark.parametrize("which", ["report_file", "seed_sr_file"])
 def test_dciodvfy_reports_no_error(which: str, request: pytest.FixtureRequest) -> None:
-    tool = _require_tool("dciodvfy")
+    tool = require_tool("dciodvfy")
     path = request.getfixturevalue(which)
     run = subprocess.run([tool, str(path)], capture_output=True, text=True, timeout=120)
     lines = (run.stdout + run.stderr).splitlines()
@@ -130,7 +120,7 @@ def test_dciodvfy_reports_no_error(which: str, request: pytest.FixtureRequest) -
 
 
 def test_dsrdump_shows_codes_and_probabilities(report_file: Path) -> None:
-    tool = _require_tool("dsrdump")
+    tool = require_tool("dsrdump")
     run = subprocess.run([tool, "+Pc", "+Pl", str(report_file)], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
     text = run.stdout
