@@ -1,14 +1,16 @@
 """Benchmark: the deploy app from DICOM to SR on a 512 x 512 x 300 CT with 5 seeds, ViT-B-32, CPU.
 
-Writes the study (int16 DICOM, 0.7 x 0.7 x 1.0 mm) and a seeds SR once, exports a ViT-B-32 predictor
-with random weights (the same file is copied for every fold: timing does not depend on the weights),
-then, in a fresh process per configuration (1 fold, 5 folds):
+Writes the study (int16 DICOM, 0.7 x 0.7 x 1.0 mm) and a seeds SR once, exports ViT-B-32 fold
+predictors with random weights that differ as LoRA cross-validation folds do (one backbone, per-fold
+adapters and heads: ``training.demo_bundle.lora_folds``; the deploy app keeps the identical backbone
+weights once), then, in a fresh process per configuration (1 fold, 5 folds):
 
 - times each stage exactly as the app's operators run it, in graph order: SDK DICOM loading, SDK
   series selection, geometry check + SDK series-to-volume, seeds, bundle preprocessing, the fold
   models, the writers (SR, PDF, SC); repeated ``--repeats`` times, medians reported;
 - times the whole app (``process_folder``, the holoscan graph) once, first, and reports the peak
-  resident memory of the process after it (models loaded + one app run).
+  resident memory of the process after it (models loaded + one app run; ``VmHWM``, in GB of 10^9
+  bytes; ``ru_maxrss`` would include the parent's peak, which a child inherits).
 
 Usage::
 
@@ -20,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import statistics
 import subprocess
@@ -32,23 +33,20 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 os.environ.setdefault("HOLOSCAN_LOG_LEVEL", "WARN")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+BENCH_MODEL = "ViT-B-32-quickgelu"
 
 
-def prepare(work: Path, max_folds: int) -> None:
-    """Write the study and a bundle with ``max_folds`` copies of one exported ViT-B-32 predictor."""
+def prepare(work: Path, fold_counts: list[int]) -> None:
+    """Write the study and, per fold count, a bundle of that many ViT-B-32 LoRA-like folds."""
     import numpy as np
     import pydicom
-    import torch
 
     from deploy_app.dicom_io import write_dataset
     from deploy_app.findings import NoduleSeed
     from deploy_app.seeds import build_seed_sr
-    from training.bundle_path import copy_bundle, use_bundle
+    from training.bundle_path import copy_bundle
+    from training.demo_bundle import build_untrained_bundle
     from training.dicom_ct import CTGeometry, SyntheticPatient, write_ct_series
-
-    use_bundle()
-    from scripts.export import export_torchscript
-    from scripts.network import SemanticCLIP
 
     study = work / "study"
     if not (study / "ct").is_dir():
@@ -67,19 +65,15 @@ def prepare(work: Path, max_folds: int) -> None:
         ]
         headers = [pydicom.dcmread(f, stop_before_pixels=True) for f in series.files]
         write_dataset(build_seed_sr(headers, seeds), study / "seeds_sr.dcm")
-    exported = work / "vit_b_32.ts"
-    if not exported.is_file():
-        torch.manual_seed(0)
-        export_torchscript(SemanticCLIP("ViT-B-32-quickgelu", pretrained=None, tuning="lora"), exported)
-    for folds in (1, max_folds):
-        bundle = work / f"bundle_{folds}"
-        if bundle.is_dir():
-            continue
-        copy_bundle(bundle)
-        for fold in range(folds):
-            target = bundle / "models" / f"fold_{fold}" / "model.ts"
-            target.parent.mkdir(parents=True)
-            shutil.copyfile(exported, target)
+    largest = work / f"lora_bundle_{max(fold_counts)}"
+    if not largest.is_dir():
+        build_untrained_bundle(largest, folds=max(fold_counts), model_name=BENCH_MODEL, shared_backbone=True)
+    for folds in fold_counts:
+        bundle = work / f"lora_bundle_{folds}"
+        if not bundle.is_dir():  # the first folds of the largest bundle
+            copy_bundle(bundle)
+            for fold in range(folds):
+                shutil.copytree(largest / "models" / f"fold_{fold}", bundle / "models" / f"fold_{fold}")
 
 
 def measure(work: Path, folds: int, repeats: int) -> dict:
@@ -96,10 +90,12 @@ def measure(work: Path, folds: int, repeats: int) -> dict:
     from training.bundle_path import use_bundle
 
     use_bundle()
+    from scripts.export import weight_bytes
+    from scripts.memory import peak_resident_bytes
     from scripts.transforms import nine_planes_for_seeds
 
     torch.set_num_threads(os.cpu_count() or 1)
-    study, bundle = work / "study", work / f"bundle_{folds}"
+    study, bundle = work / "study", work / f"lora_bundle_{folds}"
     started = time.perf_counter()
     models = BundleModels.load(bundle)
     load_models = time.perf_counter() - started
@@ -108,7 +104,8 @@ def measure(work: Path, folds: int, repeats: int) -> dict:
     outcome = process_folder(study, work / f"app_{folds}", models=models)
     whole_app = time.perf_counter() - start
     assert not outcome.failures, outcome.failures
-    peak_rss_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+    peak = peak_resident_bytes()  # this process's own peak, not its parent's
+    peak_rss_gb = peak / 1e9 if peak is not None else float("nan")
     fragment = Application()
     rules, min_slices = read_series_rules(SERIES_RULES)
     loader = DICOMDataLoaderOperator(fragment, input_folder=study, name="loader")
@@ -144,6 +141,7 @@ def measure(work: Path, folds: int, repeats: int) -> dict:
         "folds": folds,
         "stages_median_s": {name: statistics.median(values) for name, values in stages.items()},
         "model_load_s": load_models,
+        "weights_held_gb": weight_bytes(models.predictors) / 1e9,
         "whole_app_s": whole_app,
         "peak_rss_gb": peak_rss_gb,
     }
@@ -160,7 +158,7 @@ def main() -> None:
         print(json.dumps(measure(args.work, args.measure, args.repeats)))
         return
     args.work.mkdir(parents=True, exist_ok=True)
-    prepare(args.work, max(args.folds))
+    prepare(args.work, args.folds)
     print(f"load average {os.getloadavg()[0]:.2f}, {os.cpu_count()} CPUs")
     for folds in args.folds:
         command = [sys.executable, __file__, "--work", str(args.work), "--measure", str(folds),
@@ -171,8 +169,9 @@ def main() -> None:
         model = next(v for k, v in stages.items() if k.startswith("model"))
         outside = sum(v for k, v in stages.items() if not k.startswith("model"))
         print(
-            f"\n{folds} fold(s): peak RSS {report['peak_rss_gb']:.2f} GB, models loaded in "
-            f"{report['model_load_s']:.1f} s, whole app {report['whole_app_s']:.2f} s"
+            f"\n{folds} fold(s): peak RSS {report['peak_rss_gb']:.2f} GB (weights held "
+            f"{report['weights_held_gb']:.2f} GB), models loaded in {report['model_load_s']:.1f} s, "
+            f"whole app {report['whole_app_s']:.2f} s"
         )
         for name, seconds in stages.items():
             print(f"  {name:<52} {seconds:8.3f} s")

@@ -2,7 +2,8 @@
 
 A deployable bundle holds its exported predictors as ``models/fold_<k>/model.ts`` (one per
 cross-validation fold) or a single ``models/model.ts``, and optionally ``models/calibration.json``
-(per-fold beta calibration). All folds stay in memory; the nodules of a series are preprocessed once
+(per-fold beta calibration). All folds stay in memory, weights that are identical across folds (the
+frozen backbone of LoRA folds) stored once; the nodules of a series are preprocessed once
 with the bundle's own transforms and go through each fold as one batch. The malignancy probability
 is the mean of the folds' probabilities or, with calibrators, the mean of each fold's calibrated
 probability; semantic probabilities and attention weights are the mean over folds.
@@ -26,7 +27,8 @@ from training.bundle_path import use_bundle
 use_bundle()
 from scripts.calibration import CALIBRATION_FILE, BetaCalibration, ensemble_probability, load_calibration  # noqa: E402
 from scripts.errors import UserInputError  # noqa: E402
-from scripts.export import exported_models, load_exported  # noqa: E402
+from scripts.export import exported_models, load_fold_predictors, weight_bytes  # noqa: E402
+from scripts.memory import release_freed_memory  # noqa: E402
 from scripts.transforms import CLIPNormalize, nine_planes_for_seeds  # noqa: E402
 
 logger = logging.getLogger(__name__)
@@ -86,21 +88,11 @@ class BundleModels:
     def load(cls, bundle_dir: str | Path, device: str | torch.device | None = None) -> BundleModels:
         """Load every fold of ``bundle_dir`` (and its calibrators, when present)."""
         bundle_dir = Path(bundle_dir)
-        paths = list(exported_models(bundle_dir).values())
         name, version = _bundle_identity(bundle_dir)
         device = select_device(str(device) if device else None)
         use_simple_torchscript_executor()
-        predictors, layout, untrained = [], None, False
-        for path in paths:
-            try:
-                module, fold_layout, metadata = load_exported(path, device)
-            except (RuntimeError, ValueError) as error:
-                raise UserInputError(f"'{path}' is not a loadable exported model ({error})") from error
-            if layout is not None and fold_layout != layout:
-                raise UserInputError(f"'{path}' predicts other semantic outputs than '{paths[0]}'")
-            layout = fold_layout
-            untrained = untrained or bool(metadata.get("untrained_demo", False))
-            predictors.append(module)
+        folds = load_fold_predictors(exported_models(bundle_dir), device)
+        predictors = folds.modules
         calibration_path = bundle_dir / MODELS_DIR / CALIBRATION_FILE
         calibrators = load_calibration(calibration_path) if calibration_path.is_file() else None
         if calibrators is not None and sorted(calibrators) != list(range(len(predictors))):
@@ -113,17 +105,20 @@ class BundleModels:
             version=version,
             folds=len(predictors),
             calibrated=calibrators is not None,
-            untrained_demo=untrained,
+            untrained_demo=any(metadata.get("untrained_demo", False) for metadata in folds.metadata),
         )
         logger.info(
-            "model bundle %s %s: %d fold(s), %s, on %s",
+            "model bundle %s %s: %d fold(s), %s, on %s; weights held: %.0f MB (%.0f MB identical across "
+            "folds shared)",
             name,
             version,
             info.folds,
             "calibrated" if info.calibrated else "not calibrated",
             device,
+            weight_bytes(predictors) / 1e6,
+            folds.shared_bytes / 1e6,
         )
-        return cls(predictors, layout or {}, calibrators, info, device)
+        return cls(predictors, folds.layout, calibrators, info, device)
 
     @torch.no_grad()
     def predict(self, model_input: torch.Tensor) -> dict[str, np.ndarray]:
@@ -134,7 +129,11 @@ class BundleModels:
             ``attention`` (N, 9), averaged over folds as described in the module docstring.
         """
         batch = model_input.to(self.device)
-        outputs = [predictor(batch) for predictor in self.predictors]
+        outputs = []
+        for predictor in self.predictors:
+            outputs.append(predictor(batch))
+            if self.device.type == "cpu":  # freed activations would otherwise stay resident, fold after fold
+                release_freed_memory()
         raw = np.stack([out["malignancy"].float().cpu().numpy() for out in outputs])
         ensemble, _, calibrated = ensemble_probability(raw, self.calibrators)
         return {

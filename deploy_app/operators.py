@@ -30,15 +30,18 @@ from deploy_app.volume import (
     SeriesFailure,
     SeriesGeometry,
     SeriesVolume,
+    UndecodableSlice,
     check_series_geometry,
     describe_series,
     rescale_to_hu,
+    stored_values_releasing_pixel_data,
     to_meta_tensor,
 )
 from training.bundle_path import use_bundle
 
 use_bundle()
 from scripts.errors import UserInputError, find_user_error  # noqa: E402
+from scripts.memory import release_freed_memory  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -126,7 +129,9 @@ class SeriesVolumesOperator(DICOMSeriesToVolumeOperator):
                 raise RuntimeError(f"{name}: the SDK ordered the slices differently from the geometry check")
             voxels = self._voxels(series, geometry, name)
             for dataset in geometry.datasets:  # the pixels now live in `voxels`; keep only headers
-                del dataset.PixelData
+                if "PixelData" in dataset:
+                    del dataset.PixelData
+            release_freed_memory()
         except UserInputError as error:
             return _user_failure(name, error)
         logger.info(
@@ -140,40 +145,52 @@ class SeriesVolumesOperator(DICOMSeriesToVolumeOperator):
     def generate_voxel_data(self, series) -> np.ndarray:
         """HU voxels (slices, rows, columns): the SDK's conversion, vectorised for plain CT slices.
 
-        When every slice is MONOCHROME2 with one RescaleSlope/Intercept and no modality LUT (as CT
-        is), the stored values are stacked once and rescaled in one step (int16 when the rescale is
-        integral, else float32), with the same result as the SDK's per-slice float64 path; anything
-        else goes through the SDK's own implementation.
+        When every slice is MONOCHROME2 with one pixel format, one RescaleSlope/Intercept and no
+        modality LUT (as CT is), the stored values are decoded slice by slice into one array, each
+        slice's pixel data dropped once decoded (so the series is never held twice), and rescaled in
+        one step (int16 when the rescale is integral, else float32), with the same result as the SDK's
+        per-slice float64 path; anything else goes through the SDK's own implementation.
         """
         datasets = [instance.get_native_sop_instance() for instance in series.get_sop_instances()]
         rescale = {
             (float(d.get("RescaleSlope", 1) or 1), float(d.get("RescaleIntercept", 0) or 0)) for d in datasets
         }
-        plain = len(rescale) == 1 and all(
-            d.get("PhotometricInterpretation") == "MONOCHROME2" and "ModalityLUTSequence" not in d
-            for d in datasets
+        pixel_formats = {(d.get("BitsAllocated"), d.get("PixelRepresentation")) for d in datasets}
+        plain = (
+            len(rescale) == 1
+            and len(pixel_formats) == 1
+            and all(
+                d.get("PhotometricInterpretation") == "MONOCHROME2" and "ModalityLUTSequence" not in d
+                for d in datasets
+            )
         )
         if not plain:
             return super().generate_voxel_data(series)
         slope, intercept = rescale.pop()
-        return rescale_to_hu(np.stack([d.pixel_array for d in datasets]), slope, intercept)
+        return rescale_to_hu(stored_values_releasing_pixel_data(datasets), slope, intercept)
 
     def _voxels(self, series, geometry: SeriesGeometry, name: str):
         try:
             return self.generate_voxel_data(series)
+        except UndecodableSlice as error:
+            raise _undecodable(name, error.dataset, error.__cause__) from error.__cause__
         except Exception as error:  # noqa: BLE001 - pinpoint the slice below, then report it
             for dataset in geometry.datasets:
                 try:
                     dataset.pixel_array  # noqa: B018 - decoding is the check
                 except Exception as slice_error:  # noqa: BLE001
-                    syntax = getattr(dataset.file_meta, "TransferSyntaxUID", None)
-                    raise UserInputError(
-                        f"{name}: instance {dataset.get('InstanceNumber', '?')} "
-                        f"({dataset.SOPInstanceUID}): pixel data cannot be decoded "
-                        f"(transfer syntax {getattr(syntax, 'name', syntax)}): {slice_error}; "
-                        "send it uncompressed or with a transfer syntax pydicom can decode"
-                    ) from error
+                    raise _undecodable(name, dataset, slice_error) from error
             raise
+
+
+def _undecodable(name: str, dataset, error: BaseException | None) -> UserInputError:
+    syntax = getattr(dataset.file_meta, "TransferSyntaxUID", None)
+    return UserInputError(
+        f"{name}: instance {dataset.get('InstanceNumber', '?')} "
+        f"({dataset.SOPInstanceUID}): pixel data cannot be decoded "
+        f"(transfer syntax {getattr(syntax, 'name', syntax)}): {error}; "
+        "send it uncompressed or with a transfer syntax pydicom can decode"
+    )
 
 
 class NoduleSeedsOperator(Operator):

@@ -166,6 +166,39 @@ def rescale_to_hu(stored: np.ndarray, slope: float, intercept: float) -> np.ndar
     return stored.astype(np.float32) * np.float32(slope) + np.float32(intercept)
 
 
+class UndecodableSlice(Exception):
+    """The pixel data of ``dataset`` could not be decoded (the decoder's error is the cause)."""
+
+    def __init__(self, dataset: pydicom.Dataset) -> None:
+        super().__init__(dataset.SOPInstanceUID)
+        self.dataset = dataset
+
+
+def stored_values_releasing_pixel_data(datasets: Sequence[pydicom.Dataset]) -> np.ndarray:
+    """Stored values of same-format slices as one (slices, rows, columns) array.
+
+    Each slice's PixelData (and pydicom's decoded copy of it) is deleted as soon as it is in the
+    array: the series' pixels are never in memory twice.
+
+    Raises:
+        UndecodableSlice: naming the first slice that cannot be decoded.
+        ValueError: no slices.
+    """
+    if not datasets:
+        raise ValueError("no slices to stack")
+    stored: np.ndarray | None = None
+    for index, dataset in enumerate(datasets):
+        try:
+            pixels = dataset.pixel_array
+        except Exception as error:  # noqa: BLE001 - any decoder failure means "cannot use this slice"
+            raise UndecodableSlice(dataset) from error
+        if stored is None:
+            stored = np.empty((len(datasets), *pixels.shape), dtype=pixels.dtype)
+        stored[index] = pixels
+        del dataset.PixelData
+    return stored
+
+
 def to_meta_tensor(voxels_krc: np.ndarray, geometry: SeriesGeometry) -> MetaTensor:
     """HU as the bundle lays volumes out: a (1, columns, rows, slices) MetaTensor view, RAS affine."""
     if tuple(voxels_krc.shape) != geometry.shape:

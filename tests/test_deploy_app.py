@@ -33,7 +33,8 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_untrained_bundle(tmp_path_factory.mktemp("bundle") / "bundle", folds=2)
+    # folds as LoRA cross-validation leaves them: one backbone, which the app keeps once
+    return build_untrained_bundle(tmp_path_factory.mktemp("bundle") / "bundle", folds=2, shared_backbone=True)
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,13 @@ import pydicom
 import pytest
 import torch
 
-from deploy_app.volume import check_series_geometry, rescale_to_hu, to_meta_tensor
+from deploy_app.volume import (
+    UndecodableSlice,
+    check_series_geometry,
+    rescale_to_hu,
+    stored_values_releasing_pixel_data,
+    to_meta_tensor,
+)
 from scripts.errors import UserInputError
 from scripts.transforms import LoadCT
 from training.dicom_ct import CTGeometry, SyntheticPatient, write_ct_series
@@ -62,6 +68,34 @@ def test_meta_tensor_equals_the_bundle_loader(tmp_path) -> None:
     assert ours.shape == bundle.shape
     torch.testing.assert_close(ours.as_tensor(), bundle.as_tensor().float())
     np.testing.assert_allclose(np.asarray(ours.affine), np.asarray(bundle.affine), atol=1e-4)
+
+
+@pytest.fixture
+def written_slices(tmp_path) -> tuple[np.ndarray, list[pydicom.Dataset]]:
+    volume = np.random.default_rng(2).integers(-1000, 400, size=GEOMETRY.shape).astype(np.int16)
+    series = write_ct_series(volume, GEOMETRY, tmp_path / "ct", patient=SyntheticPatient("T2"), uid_seed="s")
+    return volume, check_series_geometry([pydicom.dcmread(f) for f in series.files]).datasets
+
+
+def test_stored_values_are_the_slices_and_their_pixel_data_is_released(written_slices) -> None:
+    volume, datasets = written_slices
+    expected = np.stack([d.pixel_array for d in datasets])
+    stored = stored_values_releasing_pixel_data(datasets)
+    np.testing.assert_array_equal(stored, expected)
+    assert stored.dtype == expected.dtype
+    slope, intercept = float(datasets[0].RescaleSlope), float(datasets[0].RescaleIntercept)
+    np.testing.assert_array_equal(rescale_to_hu(stored, slope, intercept), volume)
+    assert not any("PixelData" in d for d in datasets)
+    assert all(d._pixel_array is None for d in datasets)  # pydicom's decoded copy went with it
+
+
+def test_an_undecodable_slice_is_the_one_named(written_slices) -> None:
+    _, datasets = written_slices
+    datasets[6].PixelData = datasets[6].PixelData[:100]
+    with pytest.raises(UndecodableSlice) as raised:
+        stored_values_releasing_pixel_data(datasets)
+    assert raised.value.dataset is datasets[6]
+    assert raised.value.__cause__ is not None
 
 
 def _moved(k: int, dz: float) -> np.ndarray:

@@ -286,24 +286,12 @@ def predict_with_models(
     """
     import torch
 
-    from scripts.export import load_predictor
+    from scripts.export import load_fold_predictors
     from scripts.transforms import LoadCT, nine_planes_for_seeds
 
-    predictors = []
-    names: list[str] | None = None
-    for fold, path in model_paths.items():
-        try:
-            module, layout = load_predictor(path, device)
-        except Exception as error:  # corrupt file, not TorchScript, no layout: all mean "cannot use"
-            raise UserInputError(f"fold {fold}: cannot load the exported model {path}: {error}") from error
-        columns = [f"{c['feature']}={c['value']}" for c in layout.get("columns", [])]
-        if names is not None and columns != names:
-            raise UserInputError(
-                f"fold {fold}: {path} predicts other semantic outputs than fold {min(model_paths)}"
-            )
-        names = columns
-        predictors.append(module)
-    names = names or []
+    folds = load_fold_predictors(model_paths, device)
+    predictors = folds.modules
+    names = [f"{c['feature']}={c['value']}" for c in folds.layout.get("columns", [])]
     raw = np.zeros((len(predictors), len(records)))
     semantic = np.zeros((len(records), len(names)))
     by_image: dict[Path, list[int]] = defaultdict(list)

@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import itertools
 import json
 import logging
 import os
 import re
 import tempfile
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -22,6 +24,7 @@ from torch import nn
 
 from scripts.clip_backbone import create_tokenizer
 from scripts.errors import UserInputError
+from scripts.memory import release_freed_memory
 from scripts.network import SemanticCLIP
 from scripts.zero_shot import PromptLayout, embed_prompts, zero_shot_probabilities
 
@@ -145,6 +148,108 @@ def load_exported(
     with _torchscript_without_deprecation_noise():
         module = torch.jit.load(str(path), map_location=device, _extra_files=extra)
     return module.eval(), json.loads(extra[LAYOUT_FILE]), json.loads(extra[METADATA_FILE] or "{}")
+
+
+def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+
+
+def _same_kind(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.dtype == b.dtype and a.shape == b.shape and a.device == b.device
+
+
+def share_identical_weights(modules: Sequence[nn.Module]) -> int:
+    """Let weights that are equal in several loaded models use one copy; returns the bytes freed.
+
+    Cross-validation folds fine-tuned with LoRA from one backbone differ only in the adapted attention
+    projections (merged at export) and the heads: about three quarters of a ViT-B/32 image tower is
+    the same in every fold, so five folds need about 0.7 GB instead of 1.8 GB. A tensor is shared only
+    when its name, dtype, shape, device and every value equal those of the first model's, so outputs
+    are bitwise unchanged; models that have nothing in common (full fine-tuning) keep their own copies.
+    Inference only: a shared parameter changed in place would change every model that shares it.
+
+    Args:
+        modules: models of one architecture, e.g. the folds of a bundle, on one device.
+    """
+    first: dict[str, torch.Tensor] = {}
+    freed = 0
+    with torch.no_grad():
+        for module in modules:
+            for name, tensor in itertools.chain(module.named_parameters(), module.named_buffers()):
+                kept = first.setdefault(name, tensor)
+                if _same_storage(kept, tensor):
+                    continue
+                if _same_kind(kept, tensor) and torch.equal(kept, tensor):
+                    # rebinding .data frees this copy; the module keeps the same Parameter object
+                    tensor.data = kept.data
+                    freed += tensor.numel() * tensor.element_size()
+    return freed
+
+
+def weight_bytes(modules: Sequence[nn.Module]) -> int:
+    """Bytes of the parameters and buffers of ``modules``, each storage counted once."""
+    storages = {
+        tensor.untyped_storage().data_ptr(): tensor.untyped_storage().nbytes()
+        for module in modules
+        for tensor in itertools.chain(module.parameters(), module.buffers())
+    }
+    return sum(storages.values())
+
+
+@dataclass
+class FoldPredictors:
+    """The exported predictors of a bundle's folds, loaded for inference.
+
+    Args:
+        modules: the predictors, in fold order.
+        layout: the semantic output layout they all share.
+        metadata: each fold's export metadata.
+        shared_bytes: bytes of weights found identical across folds and kept once.
+    """
+
+    modules: list[torch.jit.ScriptModule]
+    layout: dict
+    metadata: list[dict]
+    shared_bytes: int
+
+
+def load_fold_predictors(
+    model_paths: Mapping[int, Path], device: torch.device | str = "cpu"
+) -> FoldPredictors:
+    """Load every fold's predictor (see :func:`exported_models`), one at a time, sharing equal weights.
+
+    Folds are loaded one after the other and each is passed through :func:`share_identical_weights`
+    with the first, so no more than one extra copy of the backbone is held while loading.
+
+    Raises:
+        UserInputError: a file is not a loadable exported predictor, or the folds predict different
+            semantic outputs.
+    """
+    modules: list[torch.jit.ScriptModule] = []
+    metadata: list[dict] = []
+    layout: dict | None = None
+    shared_bytes = 0
+    first = min(model_paths, default=0)
+    for fold, path in model_paths.items():
+        try:
+            module, fold_layout, fold_metadata = load_exported(path, device)
+        except Exception as error:  # corrupt, truncated, not TorchScript, no layout: all mean "cannot use"
+            raise UserInputError(
+                f"fold {fold}: '{path}' is not a loadable exported model ({error}); export it again"
+            ) from error
+        if layout is not None and fold_layout != layout:
+            raise UserInputError(
+                f"fold {fold}: '{path}' predicts other semantic outputs than fold {first} "
+                f"('{model_paths[first]}'); export all folds with one bundle version"
+            )
+        layout = fold_layout
+        if modules:
+            shared_bytes += share_identical_weights([modules[0], module])
+        modules.append(module)
+        metadata.append(fold_metadata)
+    if shared_bytes:
+        release_freed_memory()  # the freed copies would otherwise stay resident
+    return FoldPredictors(modules, layout or {}, metadata, shared_bytes)
 
 
 def load_predictor(
