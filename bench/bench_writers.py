@@ -10,8 +10,9 @@ calls it:
 - ``PDF``: :func:`deploy_app.report.render_report_pdf`;
 - ``encapsulated PDF``: :func:`deploy_app.report.encapsulated_pdf` (references every CT instance);
 - ``SC``: :func:`deploy_app.report.secondary_capture`, one montage per nodule;
-- ``serialise``: writing the SR, then the encapsulated PDF and the SC images, to memory
-  (``dcmwrite``; the app writes them to files with :func:`deploy_app.dicom_io.write_dataset`).
+- ``serialise``: writing the SR, then the encapsulated PDF and the SC images, to memory as
+  :func:`deploy_app.dicom_io.write_dataset` writes them to files (``prepare_for_writing``, then
+  ``dcmwrite``).
 
 Each is repeated ``--repeats`` times; the median is reported (one warm-up call first, so imports and
 font caches are not timed). The load average is printed so numbers from a busy machine can be
@@ -136,6 +137,7 @@ def main() -> None:
 
     import pydicom
 
+    from deploy_app.dicom_io import prepare_for_writing
     from deploy_app.report import encapsulated_pdf, render_report_pdf, secondary_capture
     from deploy_app.sr import build_measurement_report
 
@@ -166,6 +168,7 @@ def main() -> None:
         size = 0
         for ds in datasets:
             buffer = io.BytesIO()
+            prepare_for_writing(ds)
             pydicom.dcmwrite(buffer, ds, enforce_file_format=True)
             size += buffer.tell()
         return size

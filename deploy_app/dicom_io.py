@@ -11,13 +11,16 @@ from __future__ import annotations
 import logging
 import os
 import secrets
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from pathlib import Path
 
 import pydicom
+from pydicom.dataelem import DataElement
 from pydicom.dataset import FileMetaDataset
 from pydicom.errors import InvalidDicomError
+from pydicom.filereader import read_file_meta_info
 from pydicom.uid import ExplicitVRLittleEndian
+from pydicom.valuerep import AMBIGUOUS_VR, VR
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +35,35 @@ def _ensure_file_meta(ds: pydicom.Dataset) -> None:
     if "SOPInstanceUID" in ds:
         meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
     ds.file_meta = meta
+
+
+def _declare_explicit_little_endian(ds: pydicom.Dataset) -> bool:
+    """Mark the in-memory items of ``ds`` that need no VR correction as explicit VR little endian.
+
+    pydicom re-runs its ambiguous-VR correction on every nested item of a dataset built in memory
+    (once per nesting level: most of the time it takes to write an SR of thousands of content items).
+    The correction changes nothing in an item without an ambiguous VR ('US or SS', 'OB or OW' ...) or
+    an unparsed element, so such items are declared as already encoded the way they will be written;
+    the bytes written are the same. Returns whether ``ds`` and everything below it was so declared.
+    """
+    unambiguous = True
+    for element in ds.elements():
+        if not isinstance(element, DataElement) or element.VR in AMBIGUOUS_VR:
+            unambiguous = False
+        elif element.VR == VR.SQ:
+            for item in element.value:
+                unambiguous = _declare_explicit_little_endian(item) and unambiguous
+    if unambiguous and ds.original_encoding == (None, None):
+        ds.set_original_encoding(False, True, ds._character_set)
+    return unambiguous
+
+
+def prepare_for_writing(ds: pydicom.Dataset) -> None:
+    """What :func:`write_dataset` does to ``ds`` before pydicom encodes it: the file meta, and the
+    explicit VR little endian declaration of its in-memory items (same bytes, written faster)."""
+    _ensure_file_meta(ds)
+    if ds.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian:
+        _declare_explicit_little_endian(ds)
 
 
 def write_dataset(ds: pydicom.Dataset, path: str | Path) -> Path:
@@ -50,7 +82,7 @@ def write_dataset(ds: pydicom.Dataset, path: str | Path) -> Path:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    _ensure_file_meta(ds)
+    prepare_for_writing(ds)
     tmp = path.parent / f".{path.name}.{secrets.token_hex(8)}.tmp"
     # os.open with mode 0o666 honours the umask (tempfile.mkstemp would make the file owner-only)
     handle = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
@@ -66,7 +98,9 @@ def write_dataset(ds: pydicom.Dataset, path: str | Path) -> Path:
 
 
 def iter_dicom_headers(
-    folder: str | Path, specific_tags: Sequence[str] | None = None
+    folder: str | Path,
+    specific_tags: Sequence[str] | None = None,
+    sop_classes: Collection[str] | None = None,
 ) -> Iterator[tuple[Path, pydicom.Dataset]]:
     """Yield ``(path, header)`` for every DICOM file below ``folder``, in sorted path order.
 
@@ -78,6 +112,9 @@ def iter_dicom_headers(
         folder: the folder to walk (recursively).
         specific_tags: read only these attributes (keywords), e.g. ``["SOPClassUID",
             "StudyInstanceUID"]``, to classify many files quickly; ``None`` reads the whole header.
+        sop_classes: yield only instances of these SOP classes. The class is taken from the file
+            meta (MediaStorageSOPClassUID), so the hundreds of CT slices beside an SR are passed
+            over without parsing their datasets, and checked against the dataset's SOPClassUID.
 
     Yields:
         The path and its header (pixel data is never read).
@@ -87,10 +124,20 @@ def iter_dicom_headers(
         if path.name.startswith("."):
             continue
         try:
+            if sop_classes is not None and _file_meta_sop_class(path) not in (None, *sop_classes):
+                continue
             header = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=specific_tags)
         except InvalidDicomError:
             continue
         except Exception as error:  # a truncated or corrupt DICOM file: report it, keep going
             logger.warning("skipping %s: not a readable DICOM file (%s)", path, error)
             continue
+        if sop_classes is not None and str(header.get("SOPClassUID", "")) not in sop_classes:
+            continue
         yield path, header
+
+
+def _file_meta_sop_class(path: Path) -> str | None:
+    """MediaStorageSOPClassUID of a Part 10 file (None when its file meta does not say)."""
+    sop_class = read_file_meta_info(path).get("MediaStorageSOPClassUID")
+    return str(sop_class) if sop_class else None

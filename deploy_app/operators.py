@@ -226,7 +226,7 @@ class NoduleSeedsOperator(Operator):
                 found.append(item)
                 continue
             try:
-                info = CTSeriesInfo.from_datasets(item.geometry.datasets)
+                info = CTSeriesInfo.from_geometry(item.geometry)
                 seeds, skipped, source = find_seeds(self.input_folder, info, self.sources)
             except UserInputError as error:
                 found.append(_user_failure(item.description, error))

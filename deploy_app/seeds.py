@@ -50,7 +50,7 @@ import csv
 import json
 import logging
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -77,6 +77,7 @@ from deploy_app.sr import (
     series_identity,
     tracking_uid_for,
 )
+from deploy_app.volume import SeriesGeometry
 from training.bundle_path import use_bundle
 
 use_bundle()
@@ -154,6 +155,10 @@ def _file_name(ds: pydicom.Dataset) -> str | None:
     return str(name) if isinstance(name, (str, Path)) and str(name) else None
 
 
+def _folders_of(datasets: Iterable[pydicom.Dataset]) -> tuple[Path, ...]:
+    return tuple(sorted({Path(name).resolve().parent for name in map(_file_name, datasets) if name}))
+
+
 def _plane_of(ds: pydicom.Dataset) -> ImagePlane:
     name = _file_name(ds)
     where = f"CT image {ds.get('SOPInstanceUID', '?')}" + (f" ({name})" if name else "")
@@ -169,6 +174,28 @@ def _plane_of(ds: pydicom.Dataset) -> ImagePlane:
         rows=int(ds.Rows),
         columns=int(ds.Columns),
     )
+
+
+class _ImagePlanes(Mapping[str, ImagePlane]):
+    """SOPInstanceUID -> :class:`ImagePlane`, each read from its header when first asked for.
+
+    Only 2D SCOORD seeds need an image's plane, and they name a few images of hundreds.
+    """
+
+    def __init__(self, datasets: Sequence[pydicom.Dataset]) -> None:
+        self._datasets = {str(ds.SOPInstanceUID): ds for ds in datasets}
+        self._planes: dict[str, ImagePlane] = {}
+
+    def __getitem__(self, uid: str) -> ImagePlane:
+        if uid not in self._planes:
+            self._planes[uid] = _plane_of(self._datasets[uid])
+        return self._planes[uid]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._datasets)
+
+    def __len__(self) -> int:
+        return len(self._datasets)
 
 
 @dataclass(frozen=True, eq=False)
@@ -234,7 +261,6 @@ class CTSeriesInfo:
         affine_lps[:3, 2] = step
         affine_lps[:3, 3] = positions[0]
         affine_ras = np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine_lps
-        folders = sorted({Path(name).resolve().parent for name in map(_file_name, ct_datasets) if name})
         return cls(
             study_instance_uid=identity.study_instance_uid,
             series_instance_uid=identity.series_instance_uid,
@@ -242,7 +268,29 @@ class CTSeriesInfo:
             planes=planes,
             affine_ras=affine_ras,
             shape=(first.columns, first.rows, len(positions)),
-            folders=tuple(folders),
+            folders=_folders_of(ct_datasets),
+        )
+
+    @classmethod
+    def from_geometry(cls, geometry: SeriesGeometry) -> CTSeriesInfo:
+        """The info of a series the deploy app has checked (:func:`deploy_app.volume.check_series_geometry`).
+
+        Takes the voxel grid from the check instead of deriving it again from every header; the
+        result equals :meth:`from_datasets` of the same headers.
+
+        Raises:
+            ValueError: the datasets are not of one series.
+        """
+        identity = series_identity(geometry.datasets)
+        slices, rows, columns = geometry.shape
+        return cls(
+            study_instance_uid=identity.study_instance_uid,
+            series_instance_uid=identity.series_instance_uid,
+            frame_of_reference_uid=identity.frame_of_reference_uid,
+            planes=_ImagePlanes(geometry.datasets),
+            affine_ras=geometry.voxel_to_ras,
+            shape=(columns, rows, slices),
+            folders=_folders_of(geometry.datasets),
         )
 
     @property
@@ -434,9 +482,7 @@ class StructuredReportSeeds:
         """Seeds of every SR of ``ct``'s study under ``input_dir``, in file and document order."""
         seeds: list[NoduleSeed] = []
         tags = ["SOPClassUID", "StudyInstanceUID"]
-        for path, header in iter_dicom_headers(input_dir, specific_tags=tags):
-            if str(header.get("SOPClassUID", "")) not in SR_STORAGE_CLASSES:
-                continue
+        for path, _ in iter_dicom_headers(input_dir, specific_tags=tags, sop_classes=SR_STORAGE_CLASSES):
             where = _relative(path, input_dir)
             try:
                 ds = pydicom.dcmread(path)
@@ -529,9 +575,10 @@ class SegmentationSeeds:
         """One seed per non-empty segment of every SEG of ``ct``'s study under ``input_dir``."""
         seeds: list[NoduleSeed] = []
         tags = ["SOPClassUID", "StudyInstanceUID"]
-        for path, header in iter_dicom_headers(input_dir, specific_tags=tags):
-            if str(header.get("SOPClassUID", "")) not in SEGMENTATION_STORAGE_CLASSES:
-                continue
+        segmentations = iter_dicom_headers(
+            input_dir, specific_tags=tags, sop_classes=SEGMENTATION_STORAGE_CLASSES
+        )
+        for path, header in segmentations:
             if str(header.get("StudyInstanceUID", "")) != ct.study_instance_uid:
                 continue
             where = _relative(path, input_dir)

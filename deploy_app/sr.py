@@ -50,8 +50,9 @@ NUM (111047, DCM, "Probability of cancer")    the malignancy probability, units 
 NUM (111011, DCM, "Certainty of Feature")     one per semantic feature: the probability of the
                                               predicted value (units "1"), with the feature and value as
                                               TID 300's concept modifier ($ModType/$ModValue): HAS
-                                              CONCEPT MOD CODE (feature concept) = (value code), plus
-                                              the algorithm identification
+                                              CONCEPT MOD CODE (feature concept) = (value code); the
+                                              group's algorithm identification applies (TID 300's own
+                                              is optional: repeated in all 17 it made up half the SR)
 CODE (feature concept) = (value code)         one per semantic feature: the qualitative evaluation
                                               (concept and value codes from scripts.vocabulary)
 ============================================  =========================================================
@@ -60,9 +61,8 @@ Why "Certainty of Feature": a TID 1501 qualitative evaluation is a bare CODE ite
 PS3.16 defines (111011, DCM, "Certainty of Feature") as "the likelihood that the feature analyzed is
 in fact the type of feature identified", which is exactly the zero-shot probability of the predicted
 value. Encoding it as a TID 300 measurement whose concept modifier names the feature and value keeps
-every item inside rows the templates define (no private codes, no template extension), gives it its
-own algorithm identification, and lets a reader pair it with its evaluation by the feature concept
-(each feature appears once per group).
+every item inside rows the templates define (no private codes, no template extension), and lets a
+reader pair it with its evaluation by the feature concept (each feature appears once per group).
 
 Numbers are written as DS (16 characters) and as FD Floating Point Value, so they read back exactly.
 
@@ -436,24 +436,21 @@ def _probability(value: float, what: str) -> float:
     return number
 
 
-def _certainty_of_feature(
-    column: str, value_name: str, probability: float, algorithm: hd.sr.AlgorithmIdentification
-) -> hd.sr.Measurement:
+def _certainty_of_feature(column: str, value_name: str, probability: float) -> hd.sr.Measurement:
     """NUM Certainty of Feature = probability, modified by (feature concept) = (value code)."""
     feature = FEATURE_BY_COLUMN[column]
     measurement = hd.sr.Measurement(
         name=CERTAINTY_OF_FEATURE,
         value=_probability(probability, f"probability of {column} = {value_name}"),
         unit=NO_UNITS,
-        algorithm_id=algorithm,
     )
     modifier = hd.sr.CodeContentItem(
         name=_vocabulary_concept(feature.code),
         value=_vocabulary_concept(feature.value(value_name).code),
         relationship_type=hd.sr.RelationshipTypeValues.HAS_CONCEPT_MOD,
     )
-    # TID 300 row 2 ($ModType/$ModValue) comes before the algorithm identification rows
-    measurement[0].ContentSequence.insert(0, modifier)
+    # TID 300 row 2 ($ModType/$ModValue); highdicom's Measurement has no argument for it
+    measurement[0].ContentSequence = hd.sr.ContentSequence([modifier])
     return measurement
 
 
@@ -487,7 +484,7 @@ def nodule_result_group(
     for column in _ordered_columns(nodule.semantic):
         value_name, probability = nodule.predicted_value(column)
         feature = FEATURE_BY_COLUMN[column]
-        measurements.append(_certainty_of_feature(column, value_name, probability, algorithm))
+        measurements.append(_certainty_of_feature(column, value_name, probability))
         evaluations.append(
             hd.sr.QualitativeEvaluation(
                 name=_vocabulary_concept(feature.code),

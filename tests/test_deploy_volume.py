@@ -6,9 +6,11 @@ import numpy as np
 import pydicom
 import pytest
 import torch
+from pydicom.pixels import pixel_array
 
 from deploy_app.volume import (
     UndecodableSlice,
+    _native_pixels,
     check_series_geometry,
     rescale_to_hu,
     stored_values_releasing_pixel_data,
@@ -77,16 +79,20 @@ def written_slices(tmp_path) -> tuple[np.ndarray, list[pydicom.Dataset]]:
     return volume, check_series_geometry([pydicom.dcmread(f) for f in series.files]).datasets
 
 
-def test_stored_values_are_the_slices_and_their_pixel_data_is_released(written_slices) -> None:
+@pytest.mark.parametrize("bits_stored", [16, 12], ids=["read from the bytes", "decoded by pydicom"])
+def test_stored_values_are_the_slices_and_their_pixel_data_is_released(written_slices, bits_stored) -> None:
     volume, datasets = written_slices
-    expected = np.stack([d.pixel_array for d in datasets])
+    for dataset in datasets:
+        dataset.BitsStored, dataset.HighBit = bits_stored, bits_stored - 1
+    assert (_native_pixels(datasets[0]) is not None) == (bits_stored == 16)
+    expected = np.stack([pixel_array(d) for d in datasets])
     stored = stored_values_releasing_pixel_data(datasets)
     np.testing.assert_array_equal(stored, expected)
     assert stored.dtype == expected.dtype
     slope, intercept = float(datasets[0].RescaleSlope), float(datasets[0].RescaleIntercept)
     np.testing.assert_array_equal(rescale_to_hu(stored, slope, intercept), volume)
     assert not any("PixelData" in d for d in datasets)
-    assert all(d._pixel_array is None for d in datasets)  # pydicom's decoded copy went with it
+    assert all(d._pixel_array is None for d in datasets)  # and no decoded copy was kept
 
 
 def test_an_undecodable_slice_is_the_one_named(written_slices) -> None:

@@ -11,12 +11,14 @@ import numpy as np
 import pydicom
 import pytest
 from pydicom.sr.codedict import codes
-from pydicom.uid import generate_uid
+from pydicom.uid import Comprehensive3DSRStorage, generate_uid
 
+from deploy_app import dicom_io
 from deploy_app.dicom_io import write_dataset
 from deploy_app.findings import ModelInfo, NoduleResult, NoduleSeed, SeriesResult
 from deploy_app.seeds import (
     DEFAULT_SOURCES,
+    SR_STORAGE_CLASSES,
     CTSeriesInfo,
     ImagePlane,
     SeedSource,
@@ -24,6 +26,7 @@ from deploy_app.seeds import (
     find_seeds,
 )
 from deploy_app.sr import build_measurement_report
+from deploy_app.volume import check_series_geometry
 from scripts.errors import UserInputError
 from scripts.geometry import volume_extent_lps
 from scripts.transforms import LoadCT, SeedROICrop
@@ -144,6 +147,25 @@ def test_series_info_matches_the_bundle_loader(case: Case) -> None:
             bundle_inside = False
         assert case.info.contains(probe) == bundle_inside, probe
     assert [case.info.contains(p) for p in probes] == [True, False, True, False, True]
+
+
+def test_series_info_from_the_checked_geometry_equals_the_one_from_the_headers(case: Case) -> None:
+    shuffled = list(case.datasets)
+    np.random.default_rng(0).shuffle(shuffled)
+    from_headers = CTSeriesInfo.from_datasets(shuffled)
+    from_geometry = CTSeriesInfo.from_geometry(check_series_geometry(shuffled, min_slices=1))
+    for attribute in (
+        "study_instance_uid",
+        "series_instance_uid",
+        "frame_of_reference_uid",
+        "shape",
+        "folders",
+    ):
+        assert getattr(from_geometry, attribute) == getattr(from_headers, attribute), attribute
+    np.testing.assert_allclose(from_geometry.affine_ras, from_headers.affine_ras, atol=1e-9)
+    assert sorted(from_geometry.planes) == sorted(from_headers.planes)
+    assert dict(from_geometry.planes) == dict(from_headers.planes)
+    assert from_geometry.folders == ((case.input_dir / "ct").resolve(),)
 
 
 def test_image_coordinates_use_the_pixel_centre_convention() -> None:
@@ -423,6 +445,25 @@ def test_junk_and_other_studies_are_ignored(case: Case, tmp_path: Path) -> None:
     case.write("seeds.csv", "x,y,z\n0,0,0\n")
     seeds, skipped, source = find_seeds(case.input_dir, case.info)
     assert (source, [s.position_lps for s in seeds], skipped) == (FILE_SOURCE, [INSIDE[0]], [])
+
+
+def test_only_files_of_the_asked_classes_are_parsed(case: Case, monkeypatch: pytest.MonkeyPatch) -> None:
+    sr = write_dataset(build_seed_sr(case.datasets, _seeds(INSIDE[0])), case.input_dir / "seeds_sr.dcm")
+    mislabelled = pydicom.dcmread(case.written.files[0])  # its file meta says SR, its dataset CT
+    mislabelled.file_meta.MediaStorageSOPClassUID = Comprehensive3DSRStorage
+    mislabelled.save_as(case.input_dir / "mislabelled.dcm")
+    case.write("README.txt", "not DICOM\n")
+    parsed: list[str] = []
+    read = pydicom.dcmread
+
+    def counting_dcmread(path, *args, **kwargs):
+        parsed.append(Path(path).name)
+        return read(path, *args, **kwargs)
+
+    monkeypatch.setattr(dicom_io.pydicom, "dcmread", counting_dcmread)
+    found = [path for path, _ in dicom_io.iter_dicom_headers(case.input_dir, sop_classes=SR_STORAGE_CLASSES)]
+    assert found == [sr]
+    assert sorted(parsed) == ["mislabelled.dcm", "seeds_sr.dcm"]  # none of the CT slices
 
 
 def test_an_unreadable_segmentation_of_the_study_is_named(case: Case) -> None:

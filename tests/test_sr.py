@@ -329,6 +329,36 @@ def test_write_dataset_is_atomic_and_honours_the_umask(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sr.dcm"]  # no temporary file left
 
 
+def _pixel_dataset() -> pydicom.Dataset:
+    """An image dataset with an ambiguous VR at the top (PixelData: 'OB or OW') and a clean sequence."""
+    ds = pydicom.Dataset()
+    ds.SOPClassUID, ds.SOPInstanceUID = pydicom.uid.SecondaryCaptureImageStorage, "1.2.3.4"
+    ds.Rows = ds.Columns = 2
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    item = pydicom.Dataset()
+    item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = "1", "99X", "x"
+    ds.ConceptNameCodeSequence = [item]
+    ds.PixelData = np.arange(4, dtype=np.uint16).tobytes()
+    return ds
+
+
+@pytest.mark.parametrize("kind", ["sr", "pixel data"])
+def test_write_dataset_writes_the_bytes_pydicom_writes(
+    kind: str, ct: list[pydicom.Dataset], tmp_path: Path
+) -> None:
+    ds = build_measurement_report(ct, make_result()) if kind == "sr" else _pixel_dataset()
+    untouched = copy.deepcopy(ds)
+    write_dataset(ds, tmp_path / "ours.dcm")
+    untouched.file_meta = copy.deepcopy(ds.file_meta)
+    untouched.save_as(tmp_path / "pydicom.dcm", enforce_file_format=True)
+    assert (tmp_path / "ours.dcm").read_bytes() == (tmp_path / "pydicom.dcm").read_bytes()
+    # the SR skipped pydicom's VR correction (nothing ambiguous in it); the image needed it
+    assert ds.original_encoding == ((False, True) if kind == "sr" else (None, None))
+    if kind == "pixel data":
+        assert pydicom.dcmread(tmp_path / "ours.dcm")["PixelData"].VR == "OW"  # corrected for 16 bits
+
+
 def test_fast_assembly_equals_highdicoms_own(ct: list[pydicom.Dataset]) -> None:
     """assemble_report builds the document around a childless root (highdicom would deep-copy and
     search the whole tree): the content, the evidence and ``document.content`` are the same as when

@@ -214,6 +214,11 @@ def test_separable_sampler_equals_grid_sample(axes, pad_value):
     assert float(fast.min()) >= -1000.0 - 1e-3
     as_int16 = _sample_linear(block.round().to(torch.int16), shape, index_map, pad_value)
     torch.testing.assert_close(as_int16, _sample_linear(block.round(), shape, index_map, pad_value))
+    for layout in [(2, 1, 0), (1, 0, 2)]:  # the same values stored in another order (a transposed CT)
+        strided = block.permute(layout).contiguous().permute(np.argsort(layout).tolist())
+        assert torch.equal(strided, block) and not strided.is_contiguous()
+        in_memory_order = _sample_linear(strided, shape, index_map, pad_value)
+        torch.testing.assert_close(in_memory_order, fast, atol=1e-3, rtol=0)
     tilted = index_map.copy()
     tilted[0, (axes[0] + 1) % 3] = 1e-7  # negligible obliquity: still separable
     assert _axis_permutation(tilted, shape) == list(axes)

@@ -167,6 +167,13 @@ def _sample_separable(
     term is ``pad * (1 - s0 s1 s2)`` (skipped when the cube lies inside the scan). ``block`` may be
     a strided view of any dtype: the first pass reads only the planes it needs.
     """
+    # Work in the block's memory order (a CT volume is usually a transposed view of its slices):
+    # each index_select then copies contiguous rows, about twice as fast.
+    memory_order = sorted(range(3), key=lambda axis: -block.stride(axis))
+    if memory_order != [0, 1, 2]:
+        block = block.permute(memory_order)
+        index_map = index_map[[*memory_order, 3]]
+        out_axes = [out_axes[axis] for axis in memory_order]
     out = block
     inside: list[np.ndarray] = [np.ones(1)] * 3  # per output axis: weight inside the block
     # passes that shrink the array most go first
