@@ -156,7 +156,8 @@ def _file_name(ds: pydicom.Dataset) -> str | None:
 
 
 def _folders_of(datasets: Iterable[pydicom.Dataset]) -> tuple[Path, ...]:
-    return tuple(sorted({Path(name).resolve().parent for name in map(_file_name, datasets) if name}))
+    parents = {Path(name).parent for name in map(_file_name, datasets) if name}  # resolved once each
+    return tuple(sorted({parent.resolve() for parent in parents}))
 
 
 def _plane_of(ds: pydicom.Dataset) -> ImagePlane:
