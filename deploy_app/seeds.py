@@ -201,7 +201,7 @@ class _ImagePlanes(Mapping[str, ImagePlane]):
 
 @dataclass(frozen=True, eq=False)
 class CTSeriesInfo:
-    """What the seed sources need to know about the CT series, from its headers only.
+    """What the seed sources need to know about the CT series (see :meth:`from_geometry`).
 
     Attributes:
         study_instance_uid: StudyInstanceUID.
@@ -223,61 +223,11 @@ class CTSeriesInfo:
     folders: tuple[Path, ...] = ()
 
     @classmethod
-    def from_datasets(cls, ct_datasets: Sequence[pydicom.Dataset]) -> CTSeriesInfo:
-        """Build the info from the headers of every instance of one CT series.
-
-        Raises:
-            ValueError: no datasets, or datasets of several series.
-            UserInputError: an image lacks valid geometry or the images disagree on orientation,
-                size or pixel spacing.
-        """
-        identity = series_identity(ct_datasets)
-        planes = {str(ds.SOPInstanceUID): _plane_of(ds) for ds in ct_datasets}
-        first = next(iter(planes.values()))
-        for uid, plane in planes.items():
-            same = (
-                np.allclose(plane.orientation, first.orientation, atol=1e-4)
-                and np.allclose(plane.pixel_spacing, first.pixel_spacing, rtol=1e-4)
-                and (plane.rows, plane.columns) == (first.rows, first.columns)
-            )
-            if not same:
-                raise UserInputError(
-                    f"CT image {uid} of series {identity.series_instance_uid}: its orientation, pixel "
-                    "spacing or size differs from the other images; the series is not one volume"
-                )
-        row_dir = np.asarray(first.orientation[:3])
-        col_dir = np.asarray(first.orientation[3:])
-        normal = np.cross(row_dir, col_dir)
-        positions = np.array(
-            sorted((p.position_lps for p in planes.values()), key=lambda p: float(normal @ p))
-        )
-        if len(positions) > 1:
-            step = (positions[-1] - positions[0]) / (len(positions) - 1)
-        else:
-            thickness = float(ct_datasets[0].get("SliceThickness") or 1.0)
-            step = normal * (thickness if thickness > 0 else 1.0)
-        affine_lps = np.eye(4)
-        affine_lps[:3, 0] = row_dir * first.pixel_spacing[1]  # column index moves along the row direction
-        affine_lps[:3, 1] = col_dir * first.pixel_spacing[0]
-        affine_lps[:3, 2] = step
-        affine_lps[:3, 3] = positions[0]
-        affine_ras = np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine_lps
-        return cls(
-            study_instance_uid=identity.study_instance_uid,
-            series_instance_uid=identity.series_instance_uid,
-            frame_of_reference_uid=identity.frame_of_reference_uid,
-            planes=planes,
-            affine_ras=affine_ras,
-            shape=(first.columns, first.rows, len(positions)),
-            folders=_folders_of(ct_datasets),
-        )
-
-    @classmethod
     def from_geometry(cls, geometry: SeriesGeometry) -> CTSeriesInfo:
-        """The info of a series the deploy app has checked (:func:`deploy_app.volume.check_series_geometry`).
+        """The info of a series checked by :func:`deploy_app.volume.check_series_geometry`.
 
-        Takes the voxel grid from the check instead of deriving it again from every header; the
-        result equals :meth:`from_datasets` of the same headers.
+        The voxel grid is the check's own (the one derivation of a series' geometry); image planes
+        are read from their headers only when a 2D SCOORD seed asks for one.
 
         Raises:
             ValueError: the datasets are not of one series.

@@ -41,6 +41,11 @@ OUTSIDE = (50.0, 0.0, 0.0)
 SR_SOURCE, SEG_SOURCE, FILE_SOURCE = (source.name for source in DEFAULT_SOURCES)
 
 
+def series_info(datasets: list[pydicom.Dataset]) -> CTSeriesInfo:
+    """The seed sources' view of a CT series, as the app builds it (after the geometry check)."""
+    return CTSeriesInfo.from_geometry(check_series_geometry(datasets, min_slices=1))
+
+
 class Case:
     """A CT series in ``input_dir/ct`` and the helpers to put seed inputs beside it."""
 
@@ -54,7 +59,7 @@ class Case:
             uid_seed=study,
         )
         self.datasets = [pydicom.dcmread(path) for path in self.written.files]
-        self.info = CTSeriesInfo.from_datasets(self.datasets)
+        self.info = series_info(self.datasets)
 
     def write(self, name: str, text: str) -> Path:
         path = self.input_dir / name
@@ -149,23 +154,26 @@ def test_series_info_matches_the_bundle_loader(case: Case) -> None:
     assert [case.info.contains(p) for p in probes] == [True, False, True, False, True]
 
 
-def test_series_info_from_the_checked_geometry_equals_the_one_from_the_headers(case: Case) -> None:
+def test_series_info_from_the_checked_geometry_is_the_written_series(case: Case) -> None:
     shuffled = list(case.datasets)
     np.random.default_rng(0).shuffle(shuffled)
-    from_headers = CTSeriesInfo.from_datasets(shuffled)
-    from_geometry = CTSeriesInfo.from_geometry(check_series_geometry(shuffled, min_slices=1))
-    for attribute in (
-        "study_instance_uid",
-        "series_instance_uid",
-        "frame_of_reference_uid",
-        "shape",
-        "folders",
-    ):
-        assert getattr(from_geometry, attribute) == getattr(from_headers, attribute), attribute
-    np.testing.assert_allclose(from_geometry.affine_ras, from_headers.affine_ras, atol=1e-9)
-    assert sorted(from_geometry.planes) == sorted(from_headers.planes)
-    assert dict(from_geometry.planes) == dict(from_headers.planes)
-    assert from_geometry.folders == ((case.input_dir / "ct").resolve(),)
+    info = series_info(shuffled)
+    assert info.series_instance_uid == case.written.series_instance_uid
+    assert info.frame_of_reference_uid == case.written.frame_of_reference_uid
+    assert info.study_instance_uid == str(case.datasets[0].StudyInstanceUID)
+    assert info.shape == GEOMETRY.shape[::-1]  # (columns, rows, slices)
+    index_krc = np.array([[0, 0, 0], [5, 7, 9], [11, 23, 27]], dtype=float)
+    index_crk1 = np.concatenate([index_krc[:, ::-1], np.ones((3, 1))], axis=1)
+    lps = (np.diag([-1.0, -1.0, 1.0, 1.0]) @ info.affine_ras @ index_crk1.T).T[:, :3]
+    np.testing.assert_allclose(lps, GEOMETRY.index_to_lps(index_krc), atol=1e-6)
+    assert info.folders == ((case.input_dir / "ct").resolve(),)
+    assert sorted(info.planes) == sorted(str(ds.SOPInstanceUID) for ds in case.datasets)
+    for ds in case.datasets:  # each plane is its own header's, read when asked for
+        plane = info.planes[str(ds.SOPInstanceUID)]
+        assert plane.position_lps == tuple(float(v) for v in ds.ImagePositionPatient)
+        assert plane.orientation == tuple(float(v) for v in ds.ImageOrientationPatient)
+        assert plane.pixel_spacing == tuple(float(v) for v in ds.PixelSpacing)
+        assert (plane.rows, plane.columns) == (ds.Rows, ds.Columns)
 
 
 def test_image_coordinates_use_the_pixel_centre_convention() -> None:
@@ -314,7 +322,7 @@ def test_seeds_file_applies_only_to_series_in_its_folder(tmp_path: Path) -> None
     case = Case.__new__(Case)
     case.input_dir = tmp_path / "in"
     case.datasets = [pydicom.dcmread(p) for p in sorted((case.input_dir / "study_a").iterdir())]
-    case.info = CTSeriesInfo.from_datasets(case.datasets)
+    case.info = series_info(case.datasets)
     case.write("study_b/seeds.csv", "x,y,z\n0,0,0\n")
     with pytest.raises(UserInputError, match="no usable nodule seed"):
         find_seeds(case.input_dir, case.info)
