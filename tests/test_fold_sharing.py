@@ -159,6 +159,14 @@ def test_bundle_models_hold_the_backbone_once_and_predict_as_separate_folds(
     assert (models.predict(planes)["malignancy_per_fold"] == expected).all()
 
 
+def test_loaded_folds_report_what_they_share(lora_bundle: Path) -> None:
+    folds = load_fold_predictors(exported_models(lora_bundle))
+    separate = weight_bytes(_load_separately(lora_bundle))
+    assert folds.shared_bytes == separate - weight_bytes(folds.modules) > separate / 2
+    assert len(folds.metadata) == FOLDS and all(m["untrained_demo"] for m in folds.metadata)
+    assert folds.layout["columns"]
+
+
 def test_a_corrupt_fold_model_is_named(lora_bundle: Path, tmp_path: Path) -> None:
     paths = dict(exported_models(lora_bundle))
     broken = tmp_path / "model.ts"

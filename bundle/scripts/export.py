@@ -150,8 +150,8 @@ def load_exported(
     return module.eval(), json.loads(extra[LAYOUT_FILE]), json.loads(extra[METADATA_FILE] or "{}")
 
 
-def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+def _storage_address(tensor: torch.Tensor) -> int:
+    return tensor.untyped_storage().data_ptr()
 
 
 def _same_kind(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -177,7 +177,7 @@ def share_identical_weights(modules: Sequence[nn.Module]) -> int:
         for module in modules:
             for name, tensor in itertools.chain(module.named_parameters(), module.named_buffers()):
                 kept = first.setdefault(name, tensor)
-                if _same_storage(kept, tensor):
+                if _storage_address(kept) == _storage_address(tensor):
                     continue
                 if _same_kind(kept, tensor) and torch.equal(kept, tensor):
                     # rebinding .data frees this copy; the module keeps the same Parameter object
@@ -189,7 +189,7 @@ def share_identical_weights(modules: Sequence[nn.Module]) -> int:
 def weight_bytes(modules: Sequence[nn.Module]) -> int:
     """Bytes of the parameters and buffers of ``modules``, each storage counted once."""
     storages = {
-        tensor.untyped_storage().data_ptr(): tensor.untyped_storage().nbytes()
+        _storage_address(tensor): tensor.untyped_storage().nbytes()
         for module in modules
         for tensor in itertools.chain(module.parameters(), module.buffers())
     }
@@ -204,13 +204,16 @@ class FoldPredictors:
         modules: the predictors, in fold order.
         layout: the semantic output layout they all share.
         metadata: each fold's export metadata.
-        shared_bytes: bytes of weights found identical across folds and kept once.
     """
 
     modules: list[torch.jit.ScriptModule]
     layout: dict
     metadata: list[dict]
-    shared_bytes: int
+
+    @property
+    def shared_bytes(self) -> int:
+        """Bytes of weights that are identical across folds and kept once."""
+        return sum(weight_bytes([module]) for module in self.modules) - weight_bytes(self.modules)
 
 
 def load_fold_predictors(
@@ -228,7 +231,6 @@ def load_fold_predictors(
     modules: list[torch.jit.ScriptModule] = []
     metadata: list[dict] = []
     layout: dict | None = None
-    shared_bytes = 0
     first = min(model_paths, default=0)
     for fold, path in model_paths.items():
         try:
@@ -244,12 +246,12 @@ def load_fold_predictors(
             )
         layout = fold_layout
         if modules:
-            shared_bytes += share_identical_weights([modules[0], module])
+            share_identical_weights([modules[0], module])
         modules.append(module)
         metadata.append(fold_metadata)
-    if shared_bytes:
-        release_freed_memory()  # the freed copies would otherwise stay resident
-    return FoldPredictors(modules, layout or {}, metadata, shared_bytes)
+    if len(modules) > 1:
+        release_freed_memory()  # the copies freed by sharing would otherwise stay resident
+    return FoldPredictors(modules, layout or {}, metadata)
 
 
 def load_predictor(
