@@ -87,7 +87,7 @@ test: $(STAMP) tools  ## lint, then run pytest offline in a private network name
 	fi
 
 demo: $(STAMP)  ## phantom DICOM study -> deploy app (demo model) -> SR + PDF report in demo_output/
-	$(PY) -m training.demo
+	$(PY) -m demo
 
 bench: $(STAMP)  ## run the benchmarks (preprocessing, training step, writers, evaluation, phantoms, deploy app)
 	$(PY) bench/bench_preprocessing.py

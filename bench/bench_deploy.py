@@ -43,8 +43,8 @@ def prepare(work: Path, fold_counts: list[int]) -> None:
 
     from deploy_app.dicom_io import write_dataset
     from deploy_app.findings import NoduleSeed
-    from deploy_app.seeds import build_seed_sr
-    from training.bundle_path import copy_bundle
+    from deploy_app.sr import build_seed_sr
+    from scripts.bundle_files import copy_bundle
     from training.demo_bundle import build_untrained_bundle
     from training.dicom_ct import CTGeometry, SyntheticPatient, write_ct_series
 
@@ -87,9 +87,6 @@ def measure(work: Path, folds: int, repeats: int) -> dict:
     from deploy_app.inference import BundleModels, analyse_nodules
     from deploy_app.operators import ReportWritersOperator, SeriesAnalysed, SeriesVolumesOperator
     from deploy_app.seeds import CTSeriesInfo, find_seeds
-    from training.bundle_path import use_bundle
-
-    use_bundle()
     from scripts.export import weight_bytes
     from scripts.memory import peak_resident_bytes
     from scripts.transforms import nine_planes_for_seeds

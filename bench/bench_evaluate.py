@@ -31,13 +31,12 @@ import numpy as np
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from training.bundle_path import use_bundle  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bundle"))
 
-use_bundle()
-from scripts.cohort import read_cohort  # noqa: E402
-from scripts.vocabulary import FEATURE_BY_COLUMN  # noqa: E402
-from training.evaluate import BASELINES, MODEL, MODEL_CALIBRATED, compute_results, evaluate  # noqa: E402
-from training.splits import make_splits, write_splits  # noqa: E402
+from scripts.cohort import read_cohort
+from scripts.vocabulary import FEATURE_BY_COLUMN
+from training.evaluate import BASELINES, MODEL, MODEL_CALIBRATED, compute_results, evaluate
+from training.splits import make_splits, write_splits
 
 SEMANTIC = ("nodule_margins", "nodule_consistency", "nodule_shape", "pleural_attachment", "cavitation")
 

@@ -25,10 +25,9 @@ from monai.bundle import ConfigParser
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from training.bundle_path import use_bundle  # noqa: E402
+sys.path.insert(0, str(REPO / "bundle"))
+from scripts.bundle_files import BUNDLE_ROOT as BUNDLE  # noqa: E402
 from training.synthetic import write_synthetic_cohort  # noqa: E402
-
-BUNDLE = use_bundle()
 
 
 def parse_training_config(data_dir: Path, model_name: str, num_workers: int) -> ConfigParser:

@@ -82,9 +82,6 @@ def series_result(nodules: int, slices: int):
     import numpy as np
 
     from deploy_app.findings import ModelInfo, NoduleResult, NoduleSeed, SeriesResult, SkippedSeed
-    from training.bundle_path import use_bundle
-
-    use_bundle()
     from scripts.vocabulary import FEATURES
 
     rng = np.random.default_rng(0)

@@ -17,12 +17,9 @@ from pathlib import Path
 # Holoscan's C++ runtime logs every graph step at INFO; keep its warnings only (before it is imported).
 os.environ.setdefault("HOLOSCAN_LOG_LEVEL", "WARN")
 
-from deploy_app.app import process_folder  # noqa: E402
-from deploy_app.findings import results_table  # noqa: E402
-from training.bundle_path import use_bundle  # noqa: E402
-
-use_bundle()
-from scripts.errors import UserInputError, user_message  # noqa: E402
+from deploy_app.app import process_folder
+from deploy_app.findings import results_table
+from scripts.errors import UserInputError, user_message
 
 EXIT_OK, EXIT_INPUT, EXIT_PARTIAL = 0, 2, 3
 _ENV = {"input": "HOLOSCAN_INPUT_PATH", "output": "HOLOSCAN_OUTPUT_PATH", "model": "HOLOSCAN_MODEL_PATH"}

@@ -30,10 +30,7 @@ from deploy_app.operators import (
     SeriesVolumesOperator,
 )
 from deploy_app.seeds import DEFAULT_SOURCES, SeedSource
-from training.bundle_path import use_bundle
-
-use_bundle()
-from scripts.errors import UserInputError  # noqa: E402
+from scripts.errors import UserInputError
 
 logger = logging.getLogger(__name__)
 

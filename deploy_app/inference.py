@@ -22,14 +22,11 @@ import torch
 from monai.data import MetaTensor
 
 from deploy_app.findings import ModelInfo, NoduleResult, NoduleSeed
-from training.bundle_path import use_bundle
-
-use_bundle()
-from scripts.calibration import CALIBRATION_FILE, BetaCalibration, ensemble_probability, load_calibration  # noqa: E402
-from scripts.errors import UserInputError  # noqa: E402
-from scripts.export import exported_models, load_fold_predictors, weight_bytes  # noqa: E402
-from scripts.memory import release_freed_memory  # noqa: E402
-from scripts.transforms import CLIPNormalize, nine_planes_for_seeds  # noqa: E402
+from scripts.calibration import CALIBRATION_FILE, BetaCalibration, ensemble_probability, load_calibration
+from scripts.errors import UserInputError
+from scripts.export import exported_models, load_fold_predictors, weight_bytes
+from scripts.memory import release_freed_memory
+from scripts.transforms import CLIPNormalize, nine_planes_for_seeds
 
 logger = logging.getLogger(__name__)
 

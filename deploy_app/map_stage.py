@@ -1,9 +1,9 @@
 """``python -m deploy_app.map_stage OUT``: an application folder ready for ``monai-deploy package``.
 
 The packager takes one folder with a ``__main__.py`` and a ``requirements.txt``. The app imports the
-bundle's code (``bundle/scripts``) through ``training/bundle_path.py``, so the folder gets the app,
-that loader, the bundle (code, configs, docs; no models: those come with ``--models``) and the
-project's pinned requirements.
+bundle's code (``bundle/scripts``, put on ``sys.path`` by ``deploy_app/__init__.py``), so the folder
+gets the app, the bundle (code, configs, docs; no models: those come with ``--models``) and the
+project's pinned requirements. It holds no ``training/`` code: the app never imports it.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from training.bundle_path import copy_bundle
+from scripts.bundle_files import copy_bundle
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 ENTRY_POINT = '''"""MAP entry point: the deploy app's command line (see deploy_app/__main__.py)."""
@@ -34,9 +34,6 @@ def stage(destination: str | Path) -> Path:
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
     destination.mkdir(parents=True)
     shutil.copytree(REPO_ROOT / "deploy_app", destination / "deploy_app", ignore=ignore)
-    (destination / "training").mkdir()
-    for name in ("__init__.py", "bundle_path.py"):
-        shutil.copyfile(REPO_ROOT / "training" / name, destination / "training" / name)
     copy_bundle(destination / "bundle")
     shutil.copyfile(REPO_ROOT / "requirements.txt", destination / "requirements.txt")
     (destination / "__main__.py").write_text(ENTRY_POINT)

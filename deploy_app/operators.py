@@ -37,11 +37,8 @@ from deploy_app.volume import (
     stored_values_releasing_pixel_data,
     to_meta_tensor,
 )
-from training.bundle_path import use_bundle
-
-use_bundle()
-from scripts.errors import UserInputError, find_user_error  # noqa: E402
-from scripts.memory import release_freed_memory  # noqa: E402
+from scripts.errors import UserInputError, find_user_error
+from scripts.memory import release_freed_memory
 
 logger = logging.getLogger(__name__)
 
@@ -174,11 +171,11 @@ class SeriesVolumesOperator(DICOMSeriesToVolumeOperator):
             return self.generate_voxel_data(series)
         except UndecodableSlice as error:
             raise _undecodable(name, error.dataset, error.__cause__) from error.__cause__
-        except Exception as error:  # noqa: BLE001 - pinpoint the slice below, then report it
+        except Exception as error:
             for dataset in geometry.datasets:
                 try:
                     dataset.pixel_array  # noqa: B018 - decoding is the check
-                except Exception as slice_error:  # noqa: BLE001
+                except Exception as slice_error:
                     raise _undecodable(name, dataset, slice_error) from error
             raise
 

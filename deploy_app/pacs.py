@@ -51,10 +51,7 @@ from pynetdicom.sop_class import (
     Verification,
 )
 
-from training.bundle_path import use_bundle
-
-use_bundle()
-from scripts.errors import UserInputError, exit_on_user_error, find_user_error, user_message  # noqa: E402
+from scripts.errors import UserInputError, exit_on_user_error, find_user_error, user_message
 
 # Named, not __name__: under ``python -m deploy_app.pacs`` the module is __main__.
 logger = logging.getLogger("deploy_app.pacs")

@@ -57,12 +57,8 @@ from reportlab.platypus import (
 )
 
 from deploy_app.findings import NoduleResult, SeriesResult, SkippedSeed
-from training.bundle_path import use_bundle
-
-use_bundle()
-
-from scripts.transforms import PLANE_DIRECTIONS, NinePlanes  # noqa: E402
-from scripts.vocabulary import FEATURE_BY_COLUMN, FEATURES, Code  # noqa: E402
+from scripts.transforms import PLANE_DIRECTIONS, NinePlanes
+from scripts.vocabulary import FEATURE_BY_COLUMN, FEATURES, Code
 
 __all__ = [
     "DEMO_BANNER",

@@ -23,7 +23,7 @@ wins; the log names it; :data:`DEFAULT_SOURCES`):
    the mean of their points (preferring point sets in the CT's frame of reference); the group's
    Tracking Identifier and Tracking Unique Identifier become the seed's label and tracking UID. A
    point set outside any measurement group is a seed of its own. The SRs this app writes
-   (:mod:`deploy_app.sr`) and :func:`build_seed_sr` are read the same way.
+   (:mod:`deploy_app.sr`) and :func:`deploy_app.sr.build_seed_sr` are read the same way.
 2. **Segmentation** (:class:`SegmentationSeeds`): a DICOM SEG of the same study; one seed per
    segment at the centroid of its voxels in world LPS (frame positions from the SEG's per-frame
    Plane Position, orientation and spacing from its functional groups; FRACTIONAL segments are
@@ -64,26 +64,16 @@ from pydicom.uid import (
     ComprehensiveSRStorage,
     EnhancedSRStorage,
     SegmentationStorage,
-    generate_uid,
 )
 
 from deploy_app.dicom_io import iter_dicom_headers
 from deploy_app.findings import NoduleSeed, SkippedSeed
 from deploy_app.sr import (
-    DEFAULT_MANUFACTURER,
-    assemble_report,
-    device_observation_context,
-    nodule_group,
     series_identity,
-    tracking_uid_for,
 )
 from deploy_app.volume import SeriesGeometry
-from training.bundle_path import use_bundle
-
-use_bundle()
-
-from scripts.errors import UserInputError  # noqa: E402
-from scripts.geometry import format_extent_lps, seed_inside_scan, volume_extent_lps  # noqa: E402
+from scripts.errors import UserInputError
+from scripts.geometry import format_extent_lps, seed_inside_scan, volume_extent_lps
 
 logger = logging.getLogger(__name__)
 
@@ -94,8 +84,6 @@ SEGMENTATION_STORAGE_CLASSES = frozenset({SegmentationStorage, LABEL_MAP_SEGMENT
 """SEG SOP classes read for seeds."""
 SEED_FILE_NAMES = ("seeds.csv", "seeds.json")
 """Names of the seeds files (matched case-insensitively)."""
-SEED_SERIES_DESCRIPTION = "Nodule seeds"
-"""Series description of :func:`build_seed_sr`."""
 
 _DUPLICATE_DISTANCE_MM = 1e-3
 _CSV_REQUIRED = ("x", "y", "z")
@@ -819,66 +807,4 @@ def find_seeds(
     raise UserInputError(
         f"input folder {folder}: no usable nodule seed for CT series {ct.series_instance_uid} "
         f"({'; '.join(findings)}). Give the seeds as, in order of precedence: {accepted}"
-    )
-
-
-# --------------------------------------------------------------------------------------------------
-# a seeds SR
-# --------------------------------------------------------------------------------------------------
-
-
-def build_seed_sr(
-    ct_datasets: Sequence[pydicom.Dataset],
-    seeds: Sequence[NoduleSeed],
-    *,
-    observer_name: str = "nodule seed annotation",
-    observer_version: str = "1",
-    manufacturer: str = DEFAULT_MANUFACTURER,
-    series_number: int = 900,
-    instance_number: int = 1,
-    series_instance_uid: str | None = None,
-    sop_instance_uid: str | None = None,
-) -> hd.sr.Comprehensive3DSR:
-    """A minimal TID 1500 SR holding only the seed points, as a radiologist's system would send.
-
-    One measurement group per seed (tracking identifier = label, tracking UID = the seed's or a new
-    one, Nodule in Lung, SCOORD3D POINT), built with the same blocks as the results SR. A seed's
-    own ``frame_of_reference_uid`` is written when set, else the CT's.
-
-    Args:
-        ct_datasets: every CT header of the series.
-        seeds: at least one seed (world LPS mm).
-        observer_name: device observer name.
-        observer_version: device observer serial number (version).
-        manufacturer: Manufacturer.
-        series_number: SeriesNumber.
-        instance_number: InstanceNumber.
-        series_instance_uid: SeriesInstanceUID (default: new).
-        sop_instance_uid: SOPInstanceUID (default: new).
-    """
-    if not seeds:
-        raise ValueError("a seeds SR needs at least one seed")
-    identity = series_identity(ct_datasets)
-    sop_instance_uid = sop_instance_uid or generate_uid()
-    groups = [
-        nodule_group(
-            seed,
-            seed.frame_of_reference_uid or identity.frame_of_reference_uid,
-            tracking_uid_for(seed, sop_instance_uid, index),
-        )
-        for index, seed in enumerate(seeds, start=1)
-    ]
-    return assemble_report(
-        ct_datasets,
-        groups,
-        observation_context=device_observation_context(observer_name, observer_version, manufacturer),
-        series_description=SEED_SERIES_DESCRIPTION,
-        series_number=series_number,
-        instance_number=instance_number,
-        series_instance_uid=series_instance_uid or generate_uid(),
-        sop_instance_uid=sop_instance_uid,
-        manufacturer=manufacturer,
-        manufacturer_model_name=observer_name,
-        software_versions=observer_version,
-        is_complete=True,
     )

@@ -4,7 +4,7 @@ Pure functions: :func:`build_measurement_report` turns the CT headers and a
 :class:`~deploy_app.findings.SeriesResult` into a highdicom ``Comprehensive3DSR``;
 :func:`read_measurement_report` reads such a report back (tests, the PACS round trip).
 :func:`nodule_group` and :func:`assemble_report` are the building blocks shared with the seeds SR
-writer (:func:`deploy_app.seeds.build_seed_sr`).
+writer :func:`build_seed_sr`, a minimal TID 1500 SR that holds only nodule seed points.
 
 Document
 --------
@@ -103,11 +103,7 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
 
 from deploy_app.findings import ModelInfo, NoduleResult, NoduleSeed, SeriesResult, SkippedSeed
-from training.bundle_path import use_bundle
-
-use_bundle()
-
-from scripts.vocabulary import FEATURE_BY_COLUMN, FEATURES, PRIVATE_SCHEME, Code  # noqa: E402
+from scripts.vocabulary import FEATURE_BY_COLUMN, FEATURES, PRIVATE_SCHEME, Code
 
 logger = logging.getLogger(__name__)
 
@@ -232,7 +228,7 @@ def _evidence(ct_datasets: Sequence[pydicom.Dataset]) -> list[pydicom.Dataset]:
 
 
 # --------------------------------------------------------------------------------------------------
-# building blocks (shared with deploy_app.seeds.build_seed_sr)
+# building blocks (shared with build_seed_sr)
 # --------------------------------------------------------------------------------------------------
 
 
@@ -580,6 +576,67 @@ def build_measurement_report(
         software_versions=model.version,
         is_complete=not result.skipped,
         institution_name=institution_name,
+    )
+
+
+SEED_SERIES_DESCRIPTION = "Nodule seeds"
+"""Series description of :func:`build_seed_sr`."""
+
+
+def build_seed_sr(
+    ct_datasets: Sequence[pydicom.Dataset],
+    seeds: Sequence[NoduleSeed],
+    *,
+    observer_name: str = "nodule seed annotation",
+    observer_version: str = "1",
+    manufacturer: str = DEFAULT_MANUFACTURER,
+    series_number: int = 900,
+    instance_number: int = 1,
+    series_instance_uid: str | None = None,
+    sop_instance_uid: str | None = None,
+) -> hd.sr.Comprehensive3DSR:
+    """A minimal TID 1500 SR holding only the seed points, as a radiologist's system would send.
+
+    One measurement group per seed (tracking identifier = label, tracking UID = the seed's or a new
+    one, Nodule in Lung, SCOORD3D POINT), built with the same blocks as the results SR. A seed's
+    own ``frame_of_reference_uid`` is written when set, else the CT's.
+
+    Args:
+        ct_datasets: every CT header of the series.
+        seeds: at least one seed (world LPS mm).
+        observer_name: device observer name.
+        observer_version: device observer serial number (version).
+        manufacturer: Manufacturer.
+        series_number: SeriesNumber.
+        instance_number: InstanceNumber.
+        series_instance_uid: SeriesInstanceUID (default: new).
+        sop_instance_uid: SOPInstanceUID (default: new).
+    """
+    if not seeds:
+        raise ValueError("a seeds SR needs at least one seed")
+    identity = series_identity(ct_datasets)
+    sop_instance_uid = sop_instance_uid or generate_uid()
+    groups = [
+        nodule_group(
+            seed,
+            seed.frame_of_reference_uid or identity.frame_of_reference_uid,
+            tracking_uid_for(seed, sop_instance_uid, index),
+        )
+        for index, seed in enumerate(seeds, start=1)
+    ]
+    return assemble_report(
+        ct_datasets,
+        groups,
+        observation_context=device_observation_context(observer_name, observer_version, manufacturer),
+        series_description=SEED_SERIES_DESCRIPTION,
+        series_number=series_number,
+        instance_number=instance_number,
+        series_instance_uid=series_instance_uid or generate_uid(),
+        sop_instance_uid=sop_instance_uid,
+        manufacturer=manufacturer,
+        manufacturer_model_name=observer_name,
+        software_versions=observer_version,
+        is_complete=True,
     )
 
 

@@ -18,10 +18,7 @@ from monai.data import MetaTensor
 from pydicom.pixels import pixel_array
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-from training.bundle_path import use_bundle
-
-use_bundle()
-from scripts.errors import UserInputError  # noqa: E402
+from scripts.errors import UserInputError
 
 #: Largest angle (degrees) between the slice normal and the patient's z axis for an "axial" series.
 MAX_AXIAL_TILT_DEG = 10.0
@@ -218,7 +215,7 @@ def stored_values_releasing_pixel_data(datasets: Sequence[pydicom.Dataset]) -> n
             pixels = _native_pixels(dataset)
             if pixels is None:
                 pixels = pixel_array(dataset)  # not Dataset.pixel_array, which keeps a decoded copy
-        except Exception as error:  # noqa: BLE001 - any decoder failure means "cannot use this slice"
+        except Exception as error:
             raise UndecodableSlice(dataset) from error
         if stored is None:
             stored = np.empty((len(datasets), *pixels.shape), dtype=pixels.dtype)

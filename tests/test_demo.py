@@ -13,7 +13,7 @@ from deploy_app.sr import read_measurement_report
 def test_demo_runs_end_to_end_with_the_committed_demo_model(tmp_path: Path) -> None:
     output = tmp_path / "demo_output"
     result = subprocess.run(
-        [sys.executable, "-m", "training.demo", "--output", str(output)],
+        [sys.executable, "-m", "demo", "--output", str(output)],
         cwd=REPO_ROOT,
         capture_output=True,
         text=True,

@@ -17,6 +17,7 @@ import torch
 from pydicom.uid import RLELossless
 
 from conftest import REPO_ROOT
+from demo.study import write_demo_study
 from deploy_app.__main__ import EXIT_INPUT, EXIT_OK, EXIT_PARTIAL
 from deploy_app.app import process_folder
 from deploy_app.findings import NoduleSeed
@@ -26,7 +27,6 @@ from scripts.calibration import BetaCalibration, save_calibration
 from scripts.errors import UserInputError
 from scripts.transforms import LoadCT, nine_planes_for_seeds
 from training.demo_bundle import build_untrained_bundle
-from training.demo_study import write_demo_study
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -327,12 +327,12 @@ def test_app_yaml_parses_and_the_staged_map_folder_runs(tmp_path: Path) -> None:
         "requirements.txt",
         "deploy_app/app.yaml",
         "deploy_app/series_rules.json",
-        "training/bundle_path.py",
         "bundle/scripts/transforms.py",
         "bundle/configs/metadata.json",
     ):
         assert (folder / name).is_file(), name  # fmt: skip
     assert not (folder / "bundle" / "models").exists()
+    assert not (folder / "training").exists(), "a MAP ships no training code"
     environment = {**os.environ, "PYTHONPATH": ""}
     result = subprocess.run(
         [sys.executable, str(folder), "--help"], capture_output=True, text=True, env=environment

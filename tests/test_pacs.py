@@ -23,6 +23,7 @@ from pynetdicom import AE, evt
 from pynetdicom.sop_class import Verification
 
 from conftest import CI_STRICT, REPO_ROOT
+from demo.study import write_demo_study
 from deploy_app import pacs
 from deploy_app.inference import BundleModels
 from deploy_app.pacs import (
@@ -40,7 +41,6 @@ from deploy_app.sr import read_measurement_report
 from scripts.errors import UserInputError
 from scripts.transforms import LoadCT, nine_planes_for_seeds
 from training.demo_bundle import build_untrained_bundle
-from training.demo_study import write_demo_study
 from training.dicom_ct import CTGeometry, SyntheticPatient, WrittenSeries, write_ct_series
 
 STUDY_A = "1.2.826.0.1.3680043.8.498.1"

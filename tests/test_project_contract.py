@@ -125,7 +125,7 @@ def test_venv_is_one_pip_install() -> None:
 
 
 def test_make_targets() -> None:
-    assert "-m training.demo" in _make_dry_run("-W", "requirements.txt", "demo")
+    assert "-m demo" in _make_dry_run("-W", "requirements.txt", "demo")
     bench = _make_dry_run("bench")
     assert "bench/bench_preprocessing.py" in bench and "bench/bench_training_step.py" in bench
     test = _make_dry_run("test")

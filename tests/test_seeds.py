@@ -22,10 +22,9 @@ from deploy_app.seeds import (
     CTSeriesInfo,
     ImagePlane,
     SeedSource,
-    build_seed_sr,
     find_seeds,
 )
-from deploy_app.sr import build_measurement_report
+from deploy_app.sr import build_measurement_report, build_seed_sr
 from deploy_app.volume import check_series_geometry
 from scripts.errors import UserInputError
 from scripts.geometry import volume_extent_lps

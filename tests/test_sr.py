@@ -18,12 +18,12 @@ from pydicom.valuerep import DS
 from conftest import require_tool
 from deploy_app.dicom_io import write_dataset
 from deploy_app.findings import ModelInfo, NoduleResult, NoduleSeed, SeriesResult, SkippedSeed
-from deploy_app.seeds import build_seed_sr
 from deploy_app.sr import (
     DEMO_SERIES_DESCRIPTION,
     SR_SERIES_DESCRIPTION,
     UNTRAINED_DEMO_WARNING,
     build_measurement_report,
+    build_seed_sr,
     device_observer_uid,
     nodule_group,
     read_measurement_report,

@@ -34,18 +34,15 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
+from monai.bundle import ConfigParser
 
-from training.bundle_path import BUNDLE_ROOT, copy_bundle, use_bundle
+from scripts.bundle_files import BUNDLE_ROOT, copy_bundle
+from scripts.calibration import CALIBRATION_FILE, fit_beta_calibration, save_calibration
+from scripts.cohort import read_cohort, validate_cohort
+from scripts.errors import UserInputError, exit_on_user_error
+from scripts.export import export_torchscript
 from training.evaluate import predict_with_models, read_split_plan
 from training.staging import new_output_folder
-
-use_bundle()
-from monai.bundle import ConfigParser  # noqa: E402
-
-from scripts.calibration import CALIBRATION_FILE, fit_beta_calibration, save_calibration  # noqa: E402
-from scripts.cohort import read_cohort, validate_cohort  # noqa: E402
-from scripts.errors import UserInputError, exit_on_user_error  # noqa: E402
-from scripts.export import export_torchscript  # noqa: E402
 
 logger = logging.getLogger("training.crossval")
 

@@ -16,12 +16,10 @@ from pathlib import Path
 
 import torch
 
-from training.bundle_path import BUNDLE_ROOT, copy_bundle, use_bundle
-
-use_bundle()
-from scripts.errors import UserInputError  # noqa: E402
-from scripts.export import export_torchscript  # noqa: E402
-from scripts.network import SemanticCLIP  # noqa: E402
+from scripts.bundle_files import BUNDLE_ROOT, copy_bundle
+from scripts.errors import UserInputError
+from scripts.export import export_torchscript
+from scripts.network import SemanticCLIP
 
 TINY_MODEL = "lnsc-tiny-vit"
 DEMO_MODEL = BUNDLE_ROOT / "models" / "demo"

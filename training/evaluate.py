@@ -49,7 +49,11 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from training.bundle_path import use_bundle
+from scripts.calibration import CALIBRATION_FILE, ensemble_probability, load_calibration
+from scripts.cohort import NoduleRecord, read_cohort, read_pids, read_split
+from scripts.errors import UserInputError, exit_on_user_error
+from scripts.export import exported_models
+from scripts.vocabulary import FEATURE_BY_COLUMN, FEATURES
 from training.metrics import (
     N_CALIBRATION_BINS,
     BinaryEvaluation,
@@ -63,13 +67,6 @@ from training.metrics import (
     patient_resample_counts,
 )
 from training.staging import new_output_folder
-
-use_bundle()
-from scripts.calibration import CALIBRATION_FILE, ensemble_probability, load_calibration  # noqa: E402
-from scripts.cohort import NoduleRecord, read_cohort, read_pids, read_split  # noqa: E402
-from scripts.errors import UserInputError, exit_on_user_error  # noqa: E402
-from scripts.export import exported_models  # noqa: E402
-from scripts.vocabulary import FEATURE_BY_COLUMN, FEATURES  # noqa: E402
 
 logger = logging.getLogger(__name__)
 

@@ -44,13 +44,11 @@ import open_clip
 import torch
 from tqdm import tqdm
 
-from training.bundle_path import BUNDLE_ROOT, use_bundle
-
-use_bundle()
-from scripts.clip_backbone import register_model_configs  # noqa: E402
-from scripts.errors import UserInputError, exit_on_user_error  # noqa: E402
-from scripts.export import export_torchscript  # noqa: E402
-from scripts.network import SemanticCLIP  # noqa: E402
+from scripts.bundle_files import BUNDLE_ROOT
+from scripts.clip_backbone import register_model_configs
+from scripts.errors import UserInputError, exit_on_user_error
+from scripts.export import export_torchscript
+from scripts.network import SemanticCLIP
 
 logger = logging.getLogger(__name__)
 

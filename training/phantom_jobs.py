@@ -18,7 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from training.bundle_path import use_bundle
+from scripts.errors import UserInputError
+from scripts.vocabulary import FEATURE_BY_COLUMN, FEATURES
 from training.phantom_render import (
     GROUND_GLASS,
     LIDC_CALCIFICATION,
@@ -30,10 +31,6 @@ from training.phantom_render import (
     ParametricNodule,
     SceneSettings,
 )
-
-use_bundle()
-from scripts.errors import UserInputError  # noqa: E402
-from scripts.vocabulary import FEATURE_BY_COLUMN, FEATURES  # noqa: E402
 
 #: Slices of a parametric --full-size phantom cover this much (mm).
 FULL_SIZE_PARAMETRIC_Z_MM = 300.0

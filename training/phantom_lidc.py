@@ -18,12 +18,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from training.bundle_path import use_bundle
+from scripts.errors import UserInputError
+from scripts.vocabulary import FEATURES
 from training.pylidc_compat import import_pylidc
-
-use_bundle()
-from scripts.errors import UserInputError  # noqa: E402
-from scripts.vocabulary import FEATURES  # noqa: E402
 
 DEFAULT_LIDC_TABLE = Path("data/lidc/lidc_cohort.csv")
 #: Columns the phantoms need; the rest of the LIDC table (ratings, UCLA columns, ...) is optional.

@@ -70,7 +70,8 @@ import numpy as np
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from training.bundle_path import use_bundle
+from scripts.errors import UserInputError, exit_on_user_error
+from scripts.vocabulary import FEATURES, SIZE_COLUMNS
 from training.dicom_ct import CTGeometry, SyntheticPatient, write_ct_series, write_nifti
 from training.phantom_jobs import (
     ABSENT,
@@ -106,10 +107,6 @@ from training.phantom_render import (
     pleural_clearance_mm,
     render_scene,
 )
-
-use_bundle()
-from scripts.errors import UserInputError, exit_on_user_error  # noqa: E402
-from scripts.vocabulary import FEATURES, SIZE_COLUMNS  # noqa: E402
 
 __all__ = [
     "COHORT_COLUMNS",

@@ -16,12 +16,9 @@ from pathlib import Path
 import numpy as np
 from sklearn.model_selection import StratifiedKFold, train_test_split
 
-from training.bundle_path import use_bundle
+from scripts.cohort import read_cohort
+from scripts.errors import UserInputError, exit_on_user_error
 from training.staging import new_output_folder
-
-use_bundle()
-from scripts.cohort import read_cohort  # noqa: E402
-from scripts.errors import UserInputError, exit_on_user_error  # noqa: E402
 
 logger = logging.getLogger(__name__)
 

@@ -8,10 +8,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from training.bundle_path import use_bundle
-
-use_bundle()
-from scripts.errors import UserInputError  # noqa: E402
+from scripts.errors import UserInputError
 
 
 @contextmanager

@@ -13,11 +13,8 @@ import argparse
 import logging
 from pathlib import Path
 
-from training.bundle_path import use_bundle
-
-use_bundle()
-from scripts.cohort import CohortSummary, validate_cohort  # noqa: E402
-from scripts.errors import exit_on_user_error  # noqa: E402
+from scripts.cohort import CohortSummary, validate_cohort
+from scripts.errors import exit_on_user_error
 
 
 @exit_on_user_error

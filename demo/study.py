@@ -15,7 +15,7 @@ import pydicom
 
 from deploy_app.dicom_io import write_dataset
 from deploy_app.findings import NoduleSeed
-from deploy_app.seeds import build_seed_sr
+from deploy_app.sr import build_seed_sr
 from training.dicom_ct import CTGeometry, SyntheticPatient, WrittenSeries, write_ct_series
 from training.phantom_render import ParametricNodule, PlacedNodule, parametric_mask, render_scene
 

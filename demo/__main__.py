@@ -21,15 +21,12 @@ from pathlib import Path
 
 os.environ.setdefault("HOLOSCAN_LOG_LEVEL", "WARN")  # before holoscan is imported
 
-from deploy_app.app import process_folder  # noqa: E402
-from deploy_app.findings import results_table  # noqa: E402
-from deploy_app.inference import BundleModels  # noqa: E402
-from training.bundle_path import use_bundle  # noqa: E402
-from training.demo_bundle import build_demo_bundle  # noqa: E402
-from training.demo_study import write_demo_study  # noqa: E402
-
-use_bundle()
-from scripts.errors import exit_on_user_error  # noqa: E402
+from demo.study import write_demo_study
+from deploy_app.app import process_folder
+from deploy_app.findings import results_table
+from deploy_app.inference import BundleModels
+from scripts.errors import exit_on_user_error
+from training.demo_bundle import build_demo_bundle
 
 BANNER = (
     "DEMO MODEL: a tiny CLIP trained on synthetic CT phantoms (LIDC-IDRI reader contours), for "

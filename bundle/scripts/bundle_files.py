@@ -1,20 +1,16 @@
-"""Put the bundle root on ``sys.path`` so ``scripts.*`` imports resolve, as ``monai.bundle`` does."""
+"""Where this bundle lives on disk, and how to copy it.
+
+The bundle knows its own root: tools that stage a deployable bundle (cross-validation, the demo, the
+MAP staging folder) copy it from here rather than guessing a path relative to themselves.
+"""
 
 from __future__ import annotations
 
 import shutil
-import sys
 from pathlib import Path
 
-BUNDLE_ROOT = Path(__file__).resolve().parents[1] / "bundle"
-
-
-def use_bundle(bundle_root: str | Path = BUNDLE_ROOT) -> Path:
-    """Make ``scripts.*`` of ``bundle_root`` importable; returns the resolved root."""
-    root = Path(bundle_root).resolve()
-    if str(root) not in sys.path:
-        sys.path.insert(0, str(root))
-    return root
+BUNDLE_ROOT = Path(__file__).resolve().parents[1]
+"""The folder holding ``configs/``, ``scripts/``, ``docs/`` and ``models/``."""
 
 
 def copy_bundle(
@@ -33,7 +29,7 @@ def copy_bundle(
     shutil.copytree(
         Path(bundle_root),
         destination,
-        ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "models", "eval", "logs", ".*"),
+        ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "models", "eval", "logs", "runs", ".*"),
         dirs_exist_ok=exist_ok,
     )
     return destination
