@@ -26,6 +26,7 @@ from deploy_app.inference import BundleModels, analyse_nodules
 from deploy_app.report import encapsulated_pdf, render_report_pdf, secondary_capture
 from deploy_app.seeds import DEFAULT_SOURCES, CTSeriesInfo, SeedSource, find_seeds
 from deploy_app.sr import build_measurement_report
+from deploy_app.uids import check_uid, path_inside
 from deploy_app.volume import (
     SeriesFailure,
     SeriesGeometry,
@@ -108,7 +109,9 @@ class SeriesVolumesOperator(DICOMSeriesToVolumeOperator):
         if not volumes:
             volumes.append(
                 SeriesFailure(
-                    "input", "no CT series in the input folder (Modality CT with pixel data is needed)"
+                    "input",
+                    "no CT series in the input folder (a series needs Modality CT, pixel data and a "
+                    "StudyInstanceUID and SeriesInstanceUID; the loader drops instances without them)",
                 )
             )
         op_output.emit(volumes, "series_volumes")
@@ -325,7 +328,8 @@ class ReportWritersOperator(Operator):
         """Write one series' outputs into a staging folder, then move it into place."""
         datasets = item.series.geometry.datasets
         reference = datasets[0]
-        uid = str(reference.SeriesInstanceUID)
+        uid = check_uid(reference.get("SeriesInstanceUID"), "SeriesInstanceUID", item.series.description)
+        target = path_inside(self.output_folder, uid)
         staging = _staging(self.output_folder, uid)
         try:
             write_dataset(build_measurement_report(datasets, item.result), staging / "sr.dcm")
@@ -348,7 +352,6 @@ class ReportWritersOperator(Operator):
             if self.secondary_capture_images:
                 for n, image in enumerate(secondary_capture(item.result, reference), start=1):
                     write_dataset(image, staging / f"nodule_{n}_sc.dcm")
-            target = self.output_folder / uid
             if target.exists():
                 shutil.rmtree(target)
             os.replace(staging, target)

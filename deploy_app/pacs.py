@@ -3,7 +3,9 @@
 ``python -m deploy_app.pacs --model BUNDLE --work-dir DIR [--destination AET@host:port]``
 
 A pynetdicom Storage SCP (CT images, the SR and SEG objects that carry nodule seeds, and C-ECHO)
-files every received instance under ``DIR/incoming/<StudyInstanceUID>/<SOPInstanceUID>.dcm``. When a
+files every received instance under ``DIR/incoming/<StudyInstanceUID>/<SOPInstanceUID>.dcm``; an
+instance whose Study, Series or SOP Instance UID is not a valid DICOM UID is refused (status 0xC000
+with an Error Comment naming the attribute), since those UIDs become file and folder names. When a
 study has received nothing for ``--stable-seconds`` it is moved to ``DIR/processing/``, the app
 runs on it into ``DIR/outputs/<study>/``, every DICOM file the app wrote is C-STOREd to the
 destination AE, and the study folder goes to ``DIR/done/`` (or ``DIR/failed/`` beside a
@@ -39,6 +41,7 @@ from pathlib import Path
 from types import FrameType
 
 import pydicom
+from pydicom import Dataset
 from pynetdicom import AE, DEFAULT_TRANSFER_SYNTAXES, evt
 from pynetdicom.events import Event
 from pynetdicom.presentation import PresentationContext, build_context
@@ -51,6 +54,7 @@ from pynetdicom.sop_class import (
     Verification,
 )
 
+from deploy_app.uids import PATH_UID_KEYWORDS, InvalidUIDError, check_uid, is_valid_uid, path_inside
 from scripts.errors import UserInputError, exit_on_user_error, find_user_error, user_message
 
 # Named, not __name__: under ``python -m deploy_app.pacs`` the module is __main__.
@@ -81,19 +85,12 @@ STATUS_OUT_OF_RESOURCES = 0xA700
 STATUS_CANNOT_UNDERSTAND = 0xC000
 _WARNING_STATUSES = frozenset({0x0001, 0xB000, 0xB006, 0xB007})
 
-# A UID is digits and dots, at most 64 characters (PS3.5 9.1); anything else must never become a path.
-_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 _RUN_SUFFIX = re.compile(r"^(?P<uid>[0-9.]+)(_(?P<n>[0-9]+))?$")
 _DESTINATION = re.compile(r"^(?P<aet>[^@]{1,16})@(?P<host>[^:@]+):(?P<port>[0-9]{1,5})$")
 
 
 class SendError(RuntimeError):
     """The results could not be delivered to the destination AE."""
-
-
-def is_valid_uid(value: object) -> bool:
-    """True for a syntactically valid DICOM UID (safe to use as a file or folder name)."""
-    return isinstance(value, str) and len(value) <= 64 and _UID.match(value) is not None
 
 
 def enable_tcp_nodelay(event: Event) -> None:
@@ -248,16 +245,15 @@ class StudyCollector:
         """Write one received instance (DICOM file bytes) atomically; restarts the study's timer.
 
         Raises:
-            ValueError: a UID is not a valid DICOM UID (it would be unsafe as a path).
+            InvalidUIDError: a UID is not a valid DICOM UID (it would be unsafe as a path).
         """
-        for name, uid in (("StudyInstanceUID", study_uid), ("SOPInstanceUID", sop_instance_uid)):
-            if not is_valid_uid(uid):
-                raise ValueError(f"{name} {uid!r} is not a valid DICOM UID")
+        check_uid(study_uid, "StudyInstanceUID", "received instance")
+        check_uid(sop_instance_uid, "SOPInstanceUID", "received instance")
         with self._lock:
             # Under the lock so that a claim never moves the folder while a file is half written.
-            folder = self.dirs.incoming / study_uid
+            folder = path_inside(self.dirs.incoming, study_uid)
             folder.mkdir(exist_ok=True)
-            target = folder / f"{sop_instance_uid}.dcm"
+            target = path_inside(folder, f"{sop_instance_uid}.dcm")
             resent = target.exists()
             handle, temporary = tempfile.mkstemp(dir=folder, prefix=f".{target.name}.", suffix=".tmp")
             try:
@@ -636,29 +632,45 @@ class StorageServer:
             self.ae.shutdown()
             self._server = None
 
-    def _handle_store(self, event: Event) -> int:
+    def _handle_store(self, event: Event) -> int | Dataset:
+        caller = event.assoc.requestor.ae_title
         try:
-            study_uid = event.dataset.get("StudyInstanceUID")
-            sop_instance_uid = event.request.AffectedSOPInstanceUID
+            dataset = event.dataset
+            uids = {keyword: dataset.get(keyword) for keyword in PATH_UID_KEYWORDS}
+            affected_sop_instance_uid = event.request.AffectedSOPInstanceUID
         except Exception as error:  # a data set pydicom cannot decode
-            logger.error(
-                "C-STORE from %s: cannot read the data set (%s)", event.assoc.requestor.ae_title, error
-            )
-            return STATUS_CANNOT_UNDERSTAND
-        if not is_valid_uid(study_uid) or not is_valid_uid(sop_instance_uid):
-            logger.error(
-                "C-STORE from %s: StudyInstanceUID %r or SOPInstanceUID %r is missing or invalid; refused",
-                event.assoc.requestor.ae_title,
-                study_uid,
-                sop_instance_uid,
-            )
-            return STATUS_CANNOT_UNDERSTAND
+            logger.error("C-STORE from %s: cannot read the data set (%s)", caller, error)
+            return refusal(STATUS_CANNOT_UNDERSTAND, "the data set cannot be decoded")
         try:
-            self.collector.store(str(study_uid), str(sop_instance_uid), event.encoded_dataset())
+            for keyword, value in uids.items():
+                check_uid(value, keyword, f"C-STORE from {caller}")
+            check_uid(affected_sop_instance_uid, "AffectedSOPInstanceUID", f"C-STORE from {caller}")
+        except InvalidUIDError as error:
+            logger.error("%s", error)
+            return refusal(STATUS_CANNOT_UNDERSTAND, f"{error.keyword} is not a valid DICOM UID")
+        if str(affected_sop_instance_uid) != str(uids["SOPInstanceUID"]):
+            # the file is named after the request's UID, the app reads the data set's: they must agree
+            logger.error(
+                "C-STORE from %s: the request's AffectedSOPInstanceUID and the data set's SOPInstanceUID "
+                "differ; refused",
+                caller,
+            )
+            return refusal(STATUS_CANNOT_UNDERSTAND, "SOPInstanceUID differs from AffectedSOPInstanceUID")
+        study_uid = str(uids["StudyInstanceUID"])
+        try:
+            self.collector.store(study_uid, str(affected_sop_instance_uid), event.encoded_dataset())
         except OSError as error:
             logger.error("study %s: cannot write a received instance: %s", study_uid, error)
-            return STATUS_OUT_OF_RESOURCES
+            return refusal(STATUS_OUT_OF_RESOURCES, "the received instance cannot be stored")
         return STATUS_SUCCESS
+
+
+def refusal(status: int, comment: str) -> Dataset:
+    """A C-STORE response status with an Error Comment (LO: at most 64 characters) for the caller."""
+    response = Dataset()
+    response.Status = status
+    response.ErrorComment = comment[:64]
+    return response
 
 
 def _log_rejection(event: Event) -> None:

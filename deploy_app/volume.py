@@ -18,6 +18,7 @@ from monai.data import MetaTensor
 from pydicom.pixels import pixel_array
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
+from deploy_app.uids import PATH_UID_KEYWORDS, check_uid, is_valid_uid, shown_value
 from scripts.errors import UserInputError
 
 #: Largest angle (degrees) between the slice normal and the patient's z axis for an "axial" series.
@@ -55,7 +56,9 @@ def describe_series(dataset: pydicom.Dataset) -> str:
     """How messages name a series (no patient data): number, description and UID."""
     number = dataset.get("SeriesNumber", "?")
     description = str(dataset.get("SeriesDescription", "") or "no description")
-    return f"series {number} '{description}' ({dataset.get('SeriesInstanceUID', 'no UID')})"
+    uid = dataset.get("SeriesInstanceUID")
+    shown_uid = str(uid) if is_valid_uid(uid) else f"invalid UID {shown_value(uid)}"
+    return f"series {number} '{description}' ({shown_uid})"
 
 
 def _vector(dataset: pydicom.Dataset, keyword: str, size: int, who: str) -> np.ndarray:
@@ -83,12 +86,16 @@ def check_series_geometry(datasets: Sequence[pydicom.Dataset], *, min_slices: in
         the geometry, slices sorted along the slice normal.
 
     Raises:
-        UserInputError: not axial, too few slices, duplicate or missing slices, uneven spacing, or
-            inconsistent orientation, pixel spacing or matrix size across slices.
+        UserInputError: a Study, Series or SOP Instance UID that is not a valid UID (they name
+            output folders), not axial, too few slices, duplicate or missing slices, uneven spacing,
+            or inconsistent orientation, pixel spacing or matrix size across slices.
     """
     if not datasets:
         raise UserInputError("the CT series has no slices")
     who = describe_series(datasets[0])
+    for dataset in datasets:
+        for keyword in PATH_UID_KEYWORDS:
+            check_uid(dataset.get(keyword), keyword, f"{who}: instance {dataset.get('InstanceNumber', '?')}")
     if len(datasets) < min_slices:
         raise UserInputError(
             f"{who} has {len(datasets)} slice(s); at least {min_slices} contiguous axial slices are needed"

@@ -1,0 +1,252 @@
+"""A UID is never a path: hostile Study, Series and SOP Instance UIDs through the app and the listener.
+
+Every case plants a marker file where the hostile value would point (the output folder's parent, an
+absolute folder, a sub-folder) and checks that it survives, that nothing is written, and that the
+refusal names the attribute.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom import config
+from pynetdicom import AE
+
+from demo.study import write_demo_study
+from deploy_app.__main__ import EXIT_INPUT, main
+from deploy_app.pacs import STATUS_CANNOT_UNDERSTAND, StorageServer, StudyCollector, WorkDirs
+from deploy_app.uids import PATH_UID_KEYWORDS, InvalidUIDError, check_uid, is_valid_uid, path_inside
+from scripts.errors import UserInputError
+from training.demo_bundle import build_untrained_bundle
+from training.dicom_ct import CTGeometry, SyntheticPatient, write_ct_series
+
+TOO_LONG = "1." + "2" * 63  # digits and dots, but 65 characters
+HOSTILE = ["..", "../victim", "/abs/path", "a/b", "", TOO_LONG]
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")
+
+
+def hostile_value(value: str, root: Path) -> str:
+    """``/abs/path`` aims at a folder beside ``root`` (the test's own), never at the real file system."""
+    return str(root.parent / "victim") if value == "/abs/path" else value
+
+
+def plant_markers(root: Path) -> list[Path]:
+    """Marker files where the hostile values would land if ``root / value`` were used as a path."""
+    markers = [
+        root.parent / "marker.txt",
+        root.parent / "victim" / "marker.txt",
+        root / "a" / "b" / "marker.txt",
+    ]
+    for marker in markers:
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text("must survive")
+    return markers
+
+
+def assert_markers_survive(markers: list[Path]) -> None:
+    assert all(marker.read_text() == "must survive" for marker in markers)
+    assert [p.name for p in markers[1].parent.iterdir()] == ["marker.txt"]
+
+
+def files_besides_markers(root: Path) -> list[Path]:
+    return [p for p in root.rglob("*") if p.is_file() and p.name != "marker.txt"]
+
+
+def rewrite(files: list[Path], keyword: str, value: str) -> None:
+    """Set ``keyword`` to ``value``: on every slice for study/series, on one slice for the SOP UID."""
+    targets = files if keyword != "SOPInstanceUID" else files[len(files) // 2 : len(files) // 2 + 1]
+    previous = config.settings.writing_validation_mode  # pydicom would refuse to write a bad UI value
+    config.settings.writing_validation_mode = config.IGNORE
+    try:
+        for path in targets:
+            dataset = pydicom.dcmread(path)
+            setattr(dataset, keyword, value)
+            if keyword == "SOPInstanceUID":
+                dataset.file_meta.MediaStorageSOPInstanceUID = value
+            dataset.save_as(path)
+    finally:
+        config.settings.writing_validation_mode = previous
+
+
+@pytest.mark.parametrize("value", ["1.2.3", "0", "1.2.840.10008.1.2", "9" * 64])
+def test_valid_uids_pass(value: str) -> None:
+    assert is_valid_uid(value) and check_uid(value, "SeriesInstanceUID", "here") == value
+
+
+@pytest.mark.parametrize(
+    "value", [*HOSTILE, "1.02", "1..2", ".1", "1.2.", " 1.2", "1.2 ", "1.2\n", "1.2\x00", None, 12]
+)
+def test_invalid_uids_are_refused_with_the_attribute_named(value: object) -> None:
+    assert not is_valid_uid(value)
+    with pytest.raises(InvalidUIDError, match=r"series 3 instance 4: SOPInstanceUID is .*not a valid"):
+        check_uid(value, "SOPInstanceUID", "series 3 instance 4")
+
+
+def test_a_hostile_value_is_shown_cut_short() -> None:
+    with pytest.raises(InvalidUIDError) as raised:
+        check_uid("x" * 10_000, "StudyInstanceUID", "here")
+    assert len(str(raised.value)) < 400 and "10000 characters" in str(raised.value)
+
+
+@pytest.mark.parametrize("name", ["..", ".", "", "a/b", "/etc", "../x"])
+def test_path_inside_refuses_what_leaves_the_root(tmp_path: Path, name: str) -> None:
+    with pytest.raises(UserInputError, match="would not lie directly inside"):
+        path_inside(tmp_path, name)
+
+
+def test_path_inside_refuses_a_symlink_out_of_the_root(tmp_path: Path) -> None:
+    (tmp_path / "root").mkdir()
+    (tmp_path / "root" / "1.2.3").symlink_to(tmp_path)
+    with pytest.raises(UserInputError):
+        path_inside(tmp_path / "root", "1.2.3")
+    assert path_inside(tmp_path / "root", "1.2.4") == tmp_path / "root" / "1.2.4"
+
+
+# --- the app, through its command line (in-process: main() is what `python -m deploy_app` runs) ---
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_untrained_bundle(tmp_path_factory.mktemp("bundle") / "bundle")
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A one-nodule demo CT with its seed in ``seeds.csv`` (which does not depend on any UID)."""
+    folder = tmp_path_factory.mktemp("study") / "in"
+    demo = write_demo_study(folder, seed=5, n_nodules=1, seed_sr=False)
+    x, y, z = demo.seeds[0].position_lps
+    (folder / "seeds.csv").write_text(f"x,y,z,label\n{x},{y},{z},Nodule 1\n")
+    return folder
+
+
+@pytest.mark.parametrize("value", HOSTILE)
+@pytest.mark.parametrize("keyword", PATH_UID_KEYWORDS)
+def test_the_app_refuses_a_hostile_uid_and_touches_nothing_outside_its_output(
+    study: Path, bundle: Path, tmp_path: Path, capsys: pytest.CaptureFixture, keyword: str, value: str
+) -> None:
+    output = tmp_path / "out"
+    markers = plant_markers(output)
+    inputs = shutil.copytree(study, tmp_path / "in")
+    rewrite(sorted((inputs / "ct").glob("*.dcm")), keyword, hostile_value(value, output))
+
+    code = main(["--input", str(inputs), "--output", str(output), "--model", str(bundle)])
+
+    assert code == EXIT_INPUT
+    message = capsys.readouterr().err
+    if keyword != "SOPInstanceUID" and value == "":
+        # The SDK's loader itself drops instances without a study or series UID: the app never sees them.
+        assert "no CT series in the input folder" in message and keyword in message
+    else:
+        assert f"{keyword} is" in message
+    assert_markers_survive(markers)
+    assert files_besides_markers(output) == []
+
+
+def test_the_untouched_study_is_analysed(study: Path, bundle: Path, tmp_path: Path) -> None:
+    """The hostile cases above fail for their UID alone: the same study without it succeeds."""
+    assert main(["--input", str(study), "--output", str(tmp_path / "out"), "--model", str(bundle)]) == 0
+    series_uid = pydicom.dcmread(next((study / "ct").glob("*.dcm"))).SeriesInstanceUID
+    assert [p.name for p in (tmp_path / "out").iterdir()] == [series_uid]
+
+
+# --- the PACS listener ---
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[StorageServer]:
+    storage = StorageServer(
+        StudyCollector(WorkDirs(tmp_path / "work"), stable_seconds=10), ae_title="LNSC_TEST", port=0
+    )
+    storage.start()
+    yield storage
+    storage.stop()
+
+
+@pytest.fixture(scope="module")
+def slice_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    geometry = CTGeometry(shape=(2, 8, 8), pixel_spacing=(1.0, 1.0), slice_spacing=2.0)
+    folder = tmp_path_factory.mktemp("ct") / "ct"
+    volume = np.zeros(geometry.shape, np.int16)
+    return write_ct_series(volume, geometry, folder, patient=SyntheticPatient("U")).files[0]
+
+
+def assert_nothing_stored(server: StorageServer, markers: list[Path]) -> None:
+    assert_markers_survive(markers)
+    assert files_besides_markers(server.collector.dirs.root) == []
+    assert server.collector.pending_studies() == {}
+
+
+@pytest.mark.parametrize("value", HOSTILE)
+@pytest.mark.parametrize("keyword", PATH_UID_KEYWORDS)
+def test_the_listener_refuses_a_hostile_uid_with_0xC000_and_an_error_comment(
+    server: StorageServer, slice_file: Path, tmp_path: Path, keyword: str, value: str
+) -> None:
+    """Through a real association, whenever pynetdicom's own client agrees to send the value."""
+    incoming = server.collector.dirs.incoming
+    markers = plant_markers(incoming)
+    dataset = pydicom.dcmread(slice_file)
+    setattr(dataset, keyword, hostile_value(value, incoming))
+    ae = AE(ae_title="TESTSCU")
+    ae.add_requested_context(dataset.SOPClassUID)
+    association = ae.associate(*server.address, ae_title="LNSC_TEST")
+    assert association.is_established
+    try:
+        response = association.send_c_store(dataset)
+    except ValueError:  # pynetdicom's client itself refuses an AffectedSOPInstanceUID this bad
+        response = None
+    finally:
+        association.release()
+    if response is not None and "Status" in response:
+        assert 0xC000 <= response.Status <= 0xCFFF
+        assert response.ErrorComment == f"{keyword} is not a valid DICOM UID"
+    assert_nothing_stored(server, markers)
+
+
+@pytest.mark.parametrize("value", HOSTILE)
+@pytest.mark.parametrize("keyword", [*PATH_UID_KEYWORDS, "AffectedSOPInstanceUID"])
+def test_the_store_handler_refuses_what_any_client_could_send(
+    server: StorageServer, slice_file: Path, tmp_path: Path, keyword: str, value: str
+) -> None:
+    """The same refusal for values a client library other than pynetdicom's would send."""
+    incoming = server.collector.dirs.incoming
+    markers = plant_markers(incoming)
+    dataset = pydicom.dcmread(slice_file)
+    affected = dataset.SOPInstanceUID
+    hostile = hostile_value(value, incoming)
+    if keyword == "AffectedSOPInstanceUID":
+        affected = hostile
+    else:
+        setattr(dataset, keyword, hostile)
+    event = SimpleNamespace(
+        assoc=SimpleNamespace(requestor=SimpleNamespace(ae_title="ANYSCU")),
+        dataset=dataset,
+        request=SimpleNamespace(AffectedSOPInstanceUID=affected),
+        encoded_dataset=lambda: b"\0" * 132,
+    )
+    response = server._handle_store(event)
+    assert response.Status == STATUS_CANNOT_UNDERSTAND
+    assert response.ErrorComment == f"{keyword} is not a valid DICOM UID"
+    assert_nothing_stored(server, markers)
+
+
+def test_a_data_set_sop_uid_other_than_the_requests_is_refused(
+    server: StorageServer, slice_file: Path
+) -> None:
+    dataset = pydicom.dcmread(slice_file)
+    event = SimpleNamespace(
+        assoc=SimpleNamespace(requestor=SimpleNamespace(ae_title="ANYSCU")),
+        dataset=dataset,
+        request=SimpleNamespace(AffectedSOPInstanceUID="1.2.3.4"),
+        encoded_dataset=lambda: b"\0" * 132,
+    )
+    response = server._handle_store(event)
+    assert response.Status == STATUS_CANNOT_UNDERSTAND and "differs" in response.ErrorComment
+    assert server.collector.pending_studies() == {}
