@@ -32,6 +32,8 @@ from deploy_app.volume import (
     SeriesGeometry,
     SeriesVolume,
     UndecodableSlice,
+    check_plausible_hu,
+    check_rescale,
     check_series_geometry,
     describe_series,
     rescale_to_hu,
@@ -128,6 +130,7 @@ class SeriesVolumesOperator(DICOMSeriesToVolumeOperator):
             if order != [d.SOPInstanceUID for d in geometry.datasets]:
                 raise RuntimeError(f"{name}: the SDK ordered the slices differently from the geometry check")
             voxels = self._voxels(series, geometry, name)
+            check_plausible_hu(voxels, name)
             for dataset in geometry.datasets:  # the pixels now live in `voxels`; keep only headers
                 if "PixelData" in dataset:
                     del dataset.PixelData
@@ -152,9 +155,7 @@ class SeriesVolumesOperator(DICOMSeriesToVolumeOperator):
         per-slice float64 path; anything else goes through the SDK's own implementation.
         """
         datasets = [instance.get_native_sop_instance() for instance in series.get_sop_instances()]
-        rescale = {
-            (float(d.get("RescaleSlope", 1) or 1), float(d.get("RescaleIntercept", 0) or 0)) for d in datasets
-        }
+        rescale = {check_rescale(d, describe_series(d)) for d in datasets}
         pixel_formats = {(d.get("BitsAllocated"), d.get("PixelRepresentation")) for d in datasets}
         plain = (
             len(rescale) == 1

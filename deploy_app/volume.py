@@ -8,6 +8,7 @@ names the series and the DICOM tag, so a bad series is reported and the others s
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -25,6 +26,14 @@ from scripts.errors import UserInputError
 MAX_AXIAL_TILT_DEG = 10.0
 #: Relative tolerance on slice spacing before a series counts as unevenly spaced.
 SPACING_TOLERANCE = 0.05
+#: Tolerance on the unit length and orthogonality of the ImageOrientationPatient direction cosines.
+ORIENTATION_TOLERANCE = 1e-3
+#: Largest |RescaleSlope| and |RescaleIntercept| a CT could use; beyond them the header is corrupt.
+MAX_RESCALE_SLOPE = 100.0
+MAX_RESCALE_INTERCEPT = 32768.0
+#: Range of a CT volume's median HU; outside it the stored values are misread (e.g. a wrong
+#: PixelRepresentation turns -1000 HU into +64,000).
+PLAUSIBLE_MEDIAN_HU = (-1100.0, 3000.0)
 
 
 @dataclass(frozen=True)
@@ -75,6 +84,77 @@ def _vector(dataset: pydicom.Dataset, keyword: str, size: int, who: str) -> np.n
     return vector
 
 
+def _instance(who: str, dataset: pydicom.Dataset) -> str:
+    return f"{who}: instance {dataset.get('InstanceNumber', '?')}"
+
+
+def _check_orientation(orientation: np.ndarray, where: str) -> None:
+    row, column = orientation[:3], orientation[3:]
+    lengths = np.linalg.norm(row), np.linalg.norm(column)
+    if max(abs(length - 1.0) for length in lengths) > ORIENTATION_TOLERANCE:
+        raise UserInputError(
+            f"{where}: ImageOrientationPatient {orientation.round(4).tolist()} is not two unit vectors "
+            f"(lengths {lengths[0]:.4f}, {lengths[1]:.4f}); the header is corrupt"
+        )
+    if abs(float(row @ column)) > ORIENTATION_TOLERANCE:
+        raise UserInputError(
+            f"{where}: ImageOrientationPatient {orientation.round(4).tolist()} has a row and a column "
+            f"direction that are not orthogonal (cosine {float(row @ column):.4f}); the header is corrupt"
+        )
+
+
+def _check_pixel_spacing(spacing: np.ndarray, where: str) -> None:
+    if not (spacing > 0).all():
+        raise UserInputError(
+            f"{where}: PixelSpacing {spacing.tolist()} must be two positive distances in mm; the header "
+            "is corrupt"
+        )
+
+
+def check_rescale(dataset: pydicom.Dataset, who: str) -> tuple[float, float]:
+    """A slice's (RescaleSlope, RescaleIntercept), 1 and 0 when absent.
+
+    Raises:
+        UserInputError: not numbers, not finite, a zero slope or a magnitude no CT uses.
+    """
+    values = []
+    for keyword, default, limit in (
+        ("RescaleSlope", 1.0, MAX_RESCALE_SLOPE),
+        ("RescaleIntercept", 0.0, MAX_RESCALE_INTERCEPT),
+    ):
+        raw = dataset.get(keyword)
+        try:
+            value = default if raw is None or raw == "" else float(raw)
+        except (TypeError, ValueError):
+            value = math.nan
+        if not math.isfinite(value) or abs(value) > limit:
+            raise UserInputError(
+                f"{_instance(who, dataset)} has {keyword} {raw!r}; a CT needs a finite value of at most "
+                f"{limit:g} in magnitude"
+            )
+        values.append(value)
+    if values[0] == 0:
+        raise UserInputError(f"{_instance(who, dataset)} has RescaleSlope 0: every voxel would be one value")
+    return values[0], values[1]
+
+
+def check_plausible_hu(voxels: np.ndarray, who: str) -> None:
+    """Refuse a volume whose median HU no CT has (pixel values misread); sampled, so it is cheap.
+
+    Raises:
+        UserInputError: the median of the voxels lies outside :data:`PLAUSIBLE_MEDIAN_HU`.
+    """
+    sample = voxels[:, ::4, ::4]
+    median = float(np.median(sample))
+    low, high = PLAUSIBLE_MEDIAN_HU
+    if not low <= median <= high:
+        raise UserInputError(
+            f"{who}: the median voxel is {median:.0f} HU after RescaleSlope/RescaleIntercept, outside "
+            f"[{low:.0f}, {high:.0f}] for any CT; PixelRepresentation, BitsStored or the rescale are "
+            "probably wrong in the headers"
+        )
+
+
 def check_series_geometry(datasets: Sequence[pydicom.Dataset], *, min_slices: int = 16) -> SeriesGeometry:
     """Check a CT series' slice headers and return its voxel grid.
 
@@ -87,21 +167,34 @@ def check_series_geometry(datasets: Sequence[pydicom.Dataset], *, min_slices: in
 
     Raises:
         UserInputError: a Study, Series or SOP Instance UID that is not a valid UID (they name
-            output folders), not axial, too few slices, duplicate or missing slices, uneven spacing,
-            or inconsistent orientation, pixel spacing or matrix size across slices.
+            output folders) or a SOP Instance UID used twice, an orientation that is not two
+            orthogonal unit vectors, a pixel spacing that is not positive, an impossible rescale,
+            not axial, too few slices, duplicate or missing slices, uneven spacing, or inconsistent
+            orientation, pixel spacing or matrix size across slices.
     """
     if not datasets:
         raise UserInputError("the CT series has no slices")
     who = describe_series(datasets[0])
+    first_holder: dict[str, pydicom.Dataset] = {}
     for dataset in datasets:
         for keyword in PATH_UID_KEYWORDS:
-            check_uid(dataset.get(keyword), keyword, f"{who}: instance {dataset.get('InstanceNumber', '?')}")
+            check_uid(dataset.get(keyword), keyword, _instance(who, dataset))
+        check_rescale(dataset, who)
+        earlier = first_holder.setdefault(str(dataset.SOPInstanceUID), dataset)
+        if earlier is not dataset:
+            raise UserInputError(
+                f"{who}: instances {earlier.get('InstanceNumber', '?')} and "
+                f"{dataset.get('InstanceNumber', '?')} share the SOPInstanceUID {dataset.SOPInstanceUID}; "
+                "every slice needs its own UID, so the series cannot be trusted"
+            )
     if len(datasets) < min_slices:
         raise UserInputError(
             f"{who} has {len(datasets)} slice(s); at least {min_slices} contiguous axial slices are needed"
         )
     orientation = _vector(datasets[0], "ImageOrientationPatient", 6, who)
+    _check_orientation(orientation, _instance(who, datasets[0]))
     spacing = _vector(datasets[0], "PixelSpacing", 2, who)
+    _check_pixel_spacing(spacing, _instance(who, datasets[0]))
     size = (int(datasets[0].get("Rows", 0)), int(datasets[0].get("Columns", 0)))
     for dataset in datasets[1:]:
         for keyword, reference in (("ImageOrientationPatient", orientation), ("PixelSpacing", spacing)):

@@ -11,6 +11,7 @@ from pydicom.pixels import pixel_array
 from deploy_app.volume import (
     UndecodableSlice,
     _native_pixels,
+    check_plausible_hu,
     check_series_geometry,
     rescale_to_hu,
     stored_values_releasing_pixel_data,
@@ -32,6 +33,7 @@ def headers(
     datasets = []
     for k, position in enumerate(positions):
         ds = pydicom.Dataset()
+        ds.StudyInstanceUID = "1.2"
         ds.SeriesInstanceUID = "1.2.3"
         ds.SeriesNumber = 3
         ds.SeriesDescription = "test"
@@ -104,6 +106,10 @@ def test_an_undecodable_slice_is_the_one_named(written_slices) -> None:
     assert raised.value.__cause__ is not None
 
 
+def every(override: dict) -> dict[int, dict]:
+    return {k: override for k in range(GEOMETRY.shape[0])}
+
+
 def _moved(k: int, dz: float) -> np.ndarray:
     positions = GEOMETRY.slice_positions()
     positions[k:, 2] += dz
@@ -127,8 +133,26 @@ def _moved(k: int, dz: float) -> np.ndarray:
         (headers(overrides={4: {"PixelSpacing": [0.5, 0.5]}}), "PixelSpacing differs"),
         (headers(overrides={4: {"Rows": 64}}), "Rows/Columns differ"),
         (headers(overrides={2: {"ImagePositionPatient": [1.0, 2.0]}}), "no valid ImagePositionPatient"),
+        (
+            headers(overrides=every({"ImageOrientationPatient": [1.01, 0, 0, 0, 1, 0]})),
+            "not two unit vectors",
+        ),
+        (headers(overrides=every({"ImageOrientationPatient": [1, 0, 0, 0.1, 0.995, 0]})), "not orthogonal"),
+        (headers(overrides=every({"PixelSpacing": [0.0, 0.8]})), r"PixelSpacing \[0.0, 0.8\] must be"),
+        (headers(overrides=every({"PixelSpacing": [0.7, -0.8]})), "PixelSpacing .* must be two positive"),
+        (headers(overrides=every({"PixelSpacing": ["nan", 0.8]})), "no valid PixelSpacing"),
+        (headers(overrides=every({"RescaleSlope": "nan"})), "instance 1 has RescaleSlope 'nan'"),
+        (headers(overrides={7: {"RescaleIntercept": "inf"}}), "instance 8 has RescaleIntercept 'inf'"),
+        (headers(overrides={3: {"RescaleSlope": 1000}}), "instance 4 has RescaleSlope '1000.0'.* at most 100"),
+        (headers(overrides={3: {"RescaleSlope": 0}}), "instance 4 has RescaleSlope 0"),
+        (headers(overrides={5: {"SOPInstanceUID": "1.2.3.4"}}), "instances 5 and 6 share the SOPInstanceUID"),
     ],
-    ids=["too-few", "sagittal", "duplicate", "missing", "uneven", "spacing", "matrix", "no-position"],
+    ids=[
+        *("too-few", "sagittal", "duplicate", "missing", "uneven", "spacing", "matrix", "no-position"),
+        *("orientation-not-unit", "orientation-not-orthogonal", "spacing-zero", "spacing-negative"),
+        *("spacing-nan", "slope-nan", "intercept-inf-one-slice", "slope-absurd", "slope-zero"),
+        "same-sop-uid-elsewhere",
+    ],
 )
 def test_bad_series_are_named_with_the_problem(datasets, expected) -> None:
     with pytest.raises(UserInputError, match=expected) as error:
@@ -151,3 +175,14 @@ def test_rescale_to_hu_equals_the_float64_rescale(dtype, values, slope, intercep
     hu = rescale_to_hu(stored.copy(), slope, intercept)
     assert hu.dtype == expected_dtype
     np.testing.assert_array_equal(hu.astype(np.float64), expected)
+
+
+@pytest.mark.parametrize("median_hu", [-1000.0, -300.0, 2500.0])
+def test_a_plausible_ct_passes_the_hu_check(median_hu: float) -> None:
+    check_plausible_hu(np.full((4, 8, 8), median_hu, dtype=np.float32), "series 3")
+
+
+@pytest.mark.parametrize("median_hu", [-2000.0, 64536.0 - 1024.0, np.inf])
+def test_misread_pixel_values_are_refused(median_hu: float) -> None:
+    with pytest.raises(UserInputError, match="series 3: the median voxel is .* PixelRepresentation"):
+        check_plausible_hu(np.full((4, 8, 8), median_hu, dtype=np.float32), "series 3")

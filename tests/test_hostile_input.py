@@ -1,12 +1,15 @@
-"""A UID is never a path: hostile Study, Series and SOP Instance UIDs through the app and the listener.
+"""Hostile headers through the app and the listener: refused with the tag named, nothing misplaced.
 
-Every case plants a marker file where the hostile value would point (the output folder's parent, an
-absolute folder, a sub-folder) and checks that it survives, that nothing is written, and that the
-refusal names the attribute.
+A UID is never a path: every hostile Study, Series and SOP Instance UID case plants a marker file
+where the value would point (the output folder's parent, an absolute folder, a sub-folder) and
+checks that it survives, that nothing is written, and that the refusal names the attribute. Corrupt
+geometry and pixel-value headers, which used to give exit 0 with wrong probabilities, are refused
+the same way.
 """
 
 from __future__ import annotations
 
+import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -155,6 +158,78 @@ def test_the_untouched_study_is_analysed(study: Path, bundle: Path, tmp_path: Pa
     assert main(["--input", str(study), "--output", str(tmp_path / "out"), "--model", str(bundle)]) == 0
     series_uid = pydicom.dcmread(next((study / "ct").glob("*.dcm"))).SeriesInstanceUID
     assert [p.name for p in (tmp_path / "out").iterdir()] == [series_uid]
+
+
+def set_header(files: list[Path], keyword: str, value: object, only: int | None = None) -> None:
+    """Set ``keyword`` on every slice, or only on ``files[only]``."""
+    for path in files if only is None else files[only : only + 1]:
+        dataset = pydicom.dcmread(path)
+        setattr(dataset, keyword, value)
+        dataset.save_as(path)
+
+
+@pytest.mark.parametrize(
+    ("keyword", "value", "only", "message"),
+    [
+        (
+            "ImageOrientationPatient",
+            [1, 0, 0, 0.05, 0.9987, 0],
+            None,
+            "ImageOrientationPatient .* not orthogonal",
+        ),
+        ("ImageOrientationPatient", [0.99, 0, 0, 0, 1, 0], None, "not two unit vectors"),
+        ("PixelSpacing", [0, 0], None, "PixelSpacing .* must be two positive"),
+        ("PixelSpacing", [0.75, -0.75], None, "PixelSpacing .* must be two positive"),
+        ("RescaleSlope", "nan", 10, "instance 11 has RescaleSlope 'nan'"),
+        ("RescaleSlope", 500, None, "RescaleSlope '500.0'; a CT needs"),
+        ("RescaleIntercept", "inf", None, "RescaleIntercept 'inf'"),
+        ("PixelRepresentation", 0, None, "median voxel is .* HU .* PixelRepresentation"),
+    ],
+    ids=[
+        "not-orthogonal",
+        "not-unit",
+        "spacing-zero",
+        "spacing-negative",
+        "slope-nan-one-slice",
+        "slope-absurd",
+        "intercept-inf",
+        "unsigned-read-of-signed",
+    ],
+)
+def test_corrupt_geometry_and_pixel_headers_are_refused_with_the_tag_named(
+    study: Path,
+    bundle: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture,
+    keyword: str,
+    value: object,
+    only: int | None,
+    message: str,
+) -> None:
+    inputs = shutil.copytree(study, tmp_path / "in")
+    set_header(sorted((inputs / "ct").glob("*.dcm")), keyword, value, only)
+
+    code = main(["--input", str(inputs), "--output", str(tmp_path / "out"), "--model", str(bundle)])
+
+    assert code == EXIT_INPUT
+    assert re.search(message, capsys.readouterr().err)
+    assert files_besides_markers(tmp_path / "out") == []
+
+
+def test_a_sop_instance_uid_used_twice_is_refused(
+    study: Path, bundle: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """The same UID at a new position used to be accepted as one more slice."""
+    inputs = shutil.copytree(study, tmp_path / "in")
+    files = sorted((inputs / "ct").glob("*.dcm"))
+    reused = pydicom.dcmread(files[3]).SOPInstanceUID
+    set_header(files, "SOPInstanceUID", reused, only=20)
+
+    assert (
+        main(["--input", str(inputs), "--output", str(tmp_path / "out"), "--model", str(bundle)])
+        == EXIT_INPUT
+    )
+    assert f"share the SOPInstanceUID {reused}" in capsys.readouterr().err
 
 
 # --- the PACS listener ---
