@@ -35,7 +35,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bundle"))
 
 from scripts.cohort import read_cohort
 from scripts.vocabulary import FEATURE_BY_COLUMN
-from training.evaluate import BASELINES, MODEL, MODEL_CALIBRATED, compute_results, evaluate
+from training.baselines import BASELINES
+from training.evaluate import evaluate
+from training.evaluation_report import compute_results
+from training.model_outputs import MODEL, MODEL_CALIBRATED
 from training.splits import make_splits, write_splits
 
 SEMANTIC = ("nodule_margins", "nodule_consistency", "nodule_shape", "pleural_attachment", "cavitation")

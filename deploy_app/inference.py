@@ -1,17 +1,15 @@
 """Semantic CLIP inference for the deploy app: every fold model of a bundle, all nodules in one batch.
 
-A deployable bundle holds its exported predictors as ``models/fold_<k>/model.ts`` (one per
-cross-validation fold) or a single ``models/model.ts``, and optionally ``models/calibration.json``
-(per-fold beta calibration). All folds stay in memory, weights that are identical across folds (the
-frozen backbone of LoRA folds) stored once; the nodules of a series are preprocessed once
-with the bundle's own transforms and go through each fold as one batch. The malignancy probability
-is the mean of the folds' probabilities or, with calibrators, the mean of each fold's calibrated
-probability; semantic probabilities and attention weights are the mean over folds.
+The bundle is opened with :class:`scripts.deployed.DeployedBundle` (identity, fold predictors with
+the weights identical across folds stored once, calibrators checked against the folds); the nodules
+of a series are preprocessed once with the bundle's own transforms and go through its fold ensemble
+as one batch. The malignancy probability is the mean of the folds' probabilities or, with
+calibrators, the mean of each fold's calibrated probability; semantic probabilities and attention
+weights are the mean over folds.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -22,15 +20,16 @@ import torch
 from monai.data import MetaTensor
 
 from deploy_app.findings import ModelInfo, NoduleResult, NoduleSeed
-from scripts.calibration import CALIBRATION_FILE, BetaCalibration, ensemble_probability, load_calibration
-from scripts.errors import UserInputError
-from scripts.export import exported_models, load_fold_predictors, weight_bytes
-from scripts.memory import release_freed_memory
-from scripts.transforms import CLIPNormalize, nine_planes_for_seeds
+from scripts.deployed import DeployedBundle, select_device
+from scripts.export import weight_bytes
+from scripts.transforms import CLIPNormalize, windowed_planes_for_seeds
+
+__all__ = ["BundleModels", "analyse_nodules", "select_device", "use_simple_torchscript_executor"]
 
 logger = logging.getLogger(__name__)
 
-MODELS_DIR = "models"
+#: Nodules per model batch: memory stays flat whatever the seed count (16 x 9 planes x 5 folds).
+INFERENCE_CHUNK = 16
 
 
 def use_simple_torchscript_executor() -> None:
@@ -45,79 +44,54 @@ def use_simple_torchscript_executor() -> None:
         switch(False)
 
 
-def select_device(requested: str | None = None) -> torch.device:
-    """``requested`` when given, else the first CUDA GPU when one is present, else the CPU."""
-    if requested:
-        return torch.device(requested)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def _bundle_identity(bundle_dir: Path) -> tuple[str, str]:
-    metadata = bundle_dir / "configs" / "metadata.json"
-    try:
-        content = json.loads(metadata.read_text())
-        return str(content["name"]), str(content["version"])
-    except (OSError, ValueError, KeyError, TypeError) as error:
-        raise UserInputError(
-            f"'{metadata}' is missing or has no name/version ({error}); the SR must name the algorithm"
-        ) from error
-
-
 @dataclass
 class BundleModels:
-    """The fold predictors of one bundle, loaded once and kept on ``device``.
+    """The opened bundle, its fold predictors kept on their device, and what the SR says about it.
 
     Args:
-        predictors: TorchScript predictors in fold order.
-        layout: ``{"columns": [{"feature", "value"}, ...], ...}`` shared by every fold.
-        calibrators: fold index -> beta calibration, or None.
+        bundle: the opened bundle (identity, fold ensemble).
         info: bundle name, version, folds, calibration, demo flag.
-        device: where the predictors run.
     """
 
-    predictors: list[torch.jit.ScriptModule]
-    layout: dict
-    calibrators: dict[int, BetaCalibration] | None
+    bundle: DeployedBundle
     info: ModelInfo
-    device: torch.device
 
     @classmethod
     def load(cls, bundle_dir: str | Path, device: str | torch.device | None = None) -> BundleModels:
-        """Load every fold of ``bundle_dir`` (and its calibrators, when present)."""
-        bundle_dir = Path(bundle_dir)
-        name, version = _bundle_identity(bundle_dir)
-        device = select_device(str(device) if device else None)
+        """Open ``bundle_dir`` and load every fold (and its calibrators, when present) onto ``device``.
+
+        Raises:
+            UserInputError: see :meth:`scripts.deployed.DeployedBundle.open` (the identity is required:
+                the SR must name the algorithm).
+        """
         use_simple_torchscript_executor()
-        folds = load_fold_predictors(exported_models(bundle_dir), device)
-        predictors = folds.modules
-        calibration_path = bundle_dir / MODELS_DIR / CALIBRATION_FILE
-        calibrators = load_calibration(calibration_path) if calibration_path.is_file() else None
-        if calibrators is not None and sorted(calibrators) != list(range(len(predictors))):
-            raise UserInputError(
-                f"'{calibration_path}' calibrates folds {sorted(calibrators)} but the bundle has "
-                f"{len(predictors)} fold model(s); re-run the cross-validation export"
-            )
+        bundle = DeployedBundle.open(bundle_dir, device)
+        ensemble = bundle.ensemble
         info = ModelInfo(
-            name=name,
-            version=version,
-            folds=len(predictors),
-            calibrated=calibrators is not None,
-            untrained_demo=any(metadata.get("untrained_demo", False) for metadata in folds.metadata),
+            name=bundle.identity.name,
+            version=bundle.identity.version,
+            folds=len(ensemble.folds),
+            calibrated=ensemble.calibrators is not None,
+            untrained_demo=bundle.untrained_demo,
         )
         logger.info(
             "model bundle %s %s: %d fold(s), %s, on %s; weights held: %.0f MB (%.0f MB identical across "
             "folds shared)",
-            name,
-            version,
+            info.name,
+            info.version,
             info.folds,
             "calibrated" if info.calibrated else "not calibrated",
-            device,
-            weight_bytes(predictors) / 1e6,
-            folds.shared_bytes / 1e6,
+            ensemble.device,
+            weight_bytes(ensemble.modules) / 1e6,
+            ensemble.predictors.shared_bytes / 1e6,
         )
-        return cls(predictors, folds.layout, calibrators, info, device)
+        return cls(bundle, info)
 
-    @torch.no_grad()
+    @property
+    def predictors(self) -> list[torch.jit.ScriptModule]:
+        """The TorchScript predictors, in fold order."""
+        return self.bundle.ensemble.modules
+
     def predict(self, model_input: torch.Tensor) -> dict[str, np.ndarray]:
         """Run every fold on a batch ``(N, 9, 3, 224, 224)``.
 
@@ -125,25 +99,18 @@ class BundleModels:
             ``malignancy`` (N,), ``malignancy_per_fold`` (folds, N), ``semantic`` (N, V) and
             ``attention`` (N, 9), averaged over folds as described in the module docstring.
         """
-        batch = model_input.to(self.device)
-        outputs = []
-        for predictor in self.predictors:
-            outputs.append(predictor(batch))
-            if self.device.type == "cpu":  # freed activations would otherwise stay resident, fold after fold
-                release_freed_memory()
-        raw = np.stack([out["malignancy"].float().cpu().numpy() for out in outputs])
-        ensemble, _, calibrated = ensemble_probability(raw, self.calibrators)
+        outputs = self.bundle.ensemble.predict(model_input)
         return {
-            "malignancy": calibrated if calibrated is not None else ensemble,
-            "malignancy_per_fold": raw,
-            "semantic": torch.stack([o["semantic"].float() for o in outputs]).mean(0).cpu().numpy(),
-            "attention": torch.stack([o["attention"].float() for o in outputs]).mean(0).cpu().numpy(),
+            "malignancy": outputs.malignancy,
+            "malignancy_per_fold": outputs.per_fold,
+            "semantic": outputs.semantic,
+            "attention": outputs.attention,
         }
 
     def semantic_by_feature(self, row: np.ndarray) -> dict[str, dict[str, float]]:
         """One nodule's semantic output row -> ``{feature: {value: probability}}``."""
         grouped: dict[str, dict[str, float]] = {}
-        for column, probability in zip(self.layout["columns"], row, strict=True):
+        for column, probability in zip(self.bundle.ensemble.predictors.layout["columns"], row, strict=True):
             grouped.setdefault(column["feature"], {})[column["value"]] = float(probability)
         return grouped
 
@@ -153,6 +120,11 @@ def analyse_nodules(
 ) -> list[NoduleResult]:
     """Bundle preprocessing and every fold model for the seeds of one CT volume.
 
+    The nine windowed planes of each nodule (in [0, 1], for the readable report) are kept as the
+    bundle's preprocessing makes them, before the CLIP normalisation that gives the model input.
+    Nodules go through the folds :data:`INFERENCE_CHUNK` at a time, so the model's working memory
+    does not grow with the seed count.
+
     Args:
         volume: (1, X, Y, Z) HU volume with a RAS affine (see :func:`deploy_app.volume.to_meta_tensor`).
         seeds: nodules inside the volume.
@@ -161,21 +133,23 @@ def analyse_nodules(
     Returns:
         one result per seed, in order.
     """
-    if not seeds:
-        return []
-    model_input = nine_planes_for_seeds(
-        volume, [seed.position_lps for seed in seeds], nodule_ids=[seed.label for seed in seeds]
-    )
-    outputs = models.predict(model_input)
-    planes = CLIPNormalize().inverse(model_input).numpy()
-    return [
-        NoduleResult(
-            seed=seed,
-            malignancy=float(outputs["malignancy"][n]),
-            malignancy_per_fold=tuple(float(p) for p in outputs["malignancy_per_fold"][:, n]),
-            semantic=models.semantic_by_feature(outputs["semantic"][n]),
-            attention=tuple(float(a) for a in outputs["attention"][n]),
-            planes=planes[n],
+    results = []
+    for start in range(0, len(seeds), INFERENCE_CHUNK):
+        chunk = seeds[start : start + INFERENCE_CHUNK]
+        planes = windowed_planes_for_seeds(
+            volume, [seed.position_lps for seed in chunk], nodule_ids=[seed.label for seed in chunk]
         )
-        for n, seed in enumerate(seeds)
-    ]
+        outputs = models.predict(CLIPNormalize()(planes))
+        planes_01 = planes.float().cpu().numpy()
+        results.extend(
+            NoduleResult(
+                seed=seed,
+                malignancy=float(outputs["malignancy"][n]),
+                malignancy_per_fold=tuple(float(p) for p in outputs["malignancy_per_fold"][:, n]),
+                semantic=models.semantic_by_feature(outputs["semantic"][n]),
+                attention=tuple(float(a) for a in outputs["attention"][n]),
+                planes=planes_01[n],
+            )
+            for n, seed in enumerate(chunk)
+        )
+    return results

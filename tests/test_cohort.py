@@ -8,8 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from scripts.cohort import NoduleRecord, read_cohort, read_split, select
+from scripts.cohort import NoduleRecord, read_cohort, select
 from scripts.errors import UserInputError
+from scripts.split_folder import read_split
 
 HEADER = (
     "pid,nodule_id,image_path,coordX,coordY,coordZ,malignant,nodule_consistency,nodule_margins,"

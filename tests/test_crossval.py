@@ -11,9 +11,10 @@ import pytest
 
 from deploy_app.inference import BundleModels
 from scripts.calibration import load_calibration
+from scripts.deployed import FoldEnsemble
 from scripts.errors import UserInputError
 from training.crossval import crossval
-from training.evaluate import predict_with_models
+from training.model_outputs import predict_records
 from training.splits import make_splits, patient_labels, write_splits
 from training.synthetic import write_synthetic_cohort
 
@@ -57,18 +58,61 @@ def test_bundle_holds_every_fold_calibrated_and_recorded(bundle: Path, cohort) -
 
 def test_calibration_was_fitted_on_that_folds_validation_predictions(bundle: Path, cohort) -> None:
     from scripts.calibration import fit_beta_calibration
-    from scripts.cohort import read_cohort, read_split
+    from scripts.cohort import read_cohort
+    from scripts.split_folder import read_split
 
     records = read_cohort(cohort[0])
     calibrators = load_calibration(bundle / "models" / "calibration.json")
     for fold in (0, 1):
         _, val = read_split(cohort[1], fold)
         chosen = [r for r in records if r.pid in val]
-        model = {fold: bundle / "models" / f"fold_{fold}" / "model.ts"}
-        raw = predict_with_models(chosen, model, "cpu").raw[0]
+        model = FoldEnsemble.load({fold: bundle / "models" / f"fold_{fold}" / "model.ts"}, "cpu")
+        raw = predict_records(chosen, model).raw[0]
         expected = fit_beta_calibration(raw, np.array([r.label for r in chosen]))
         probe = np.linspace(0.05, 0.95, 7)
         np.testing.assert_allclose(calibrators[fold](probe), expected(probe), atol=1e-6)
+
+
+def _strings(value: object) -> list[str]:
+    if isinstance(value, dict):
+        return [text for item in value.values() for text in _strings(item)]
+    if isinstance(value, list):
+        return [text for item in value for text in _strings(item)]
+    return [value] if isinstance(value, str) else []
+
+
+def test_the_shipped_records_hold_no_path_of_the_training_machine(bundle: Path, cohort) -> None:
+    models = bundle / "models"
+    for name in ("crossval_record.json", "calibration.json"):
+        absolute = [
+            text for text in _strings(json.loads((models / name).read_text())) if Path(text).is_absolute()
+        ]
+        assert not absolute, f"{name}: {absolute}"
+    record = json.loads((models / "crossval_record.json").read_text())
+    csv_path, split_dir = (p.resolve() for p in cohort)
+    assert record["cohort"]["file"] == csv_path.name
+    assert (csv_path.parent / record["split"]["folder"]).resolve() == split_dir
+    provenance = json.loads((models / "calibration.json").read_text())["provenance"]
+    assert provenance["cohort_sha256"] == record["cohort"]["sha256"]
+
+
+def test_the_committed_demo_records_hold_no_absolute_path() -> None:
+    from training.demo_bundle import DEMO_MODEL
+
+    for name in ("crossval_record.json", "calibration.json"):
+        absolute = [
+            text for text in _strings(json.loads((DEMO_MODEL / name).read_text())) if Path(text).is_absolute()
+        ]
+        assert not absolute, f"{name}: {absolute}"
+
+
+def test_calibration_provenance_with_an_absolute_path_is_refused(tmp_path: Path) -> None:
+    from scripts.calibration import BetaCalibration, save_calibration
+
+    target = tmp_path / "calibration.json"
+    with pytest.raises(ValueError, match="absolute path"):
+        save_calibration(target, {0: BetaCalibration(1.0, 1.0, 0.0)}, {"cohort": {"path": str(tmp_path)}})
+    assert not target.exists()
 
 
 def test_finished_folds_are_kept_and_changed_settings_refused(bundle: Path, cohort, tmp_path: Path) -> None:

@@ -10,8 +10,8 @@ import pandas as pd
 import pytest
 
 from conftest import REPO_ROOT
-from scripts.cohort import read_split
 from scripts.errors import UserInputError
+from scripts.split_folder import read_split
 from training.splits import make_splits, write_splits
 
 LABELS = {f"P{i:03d}": int(i % 3 == 0) for i in range(30)}  # 10 malignant, 20 benign patients

@@ -11,6 +11,9 @@ those predictions. The output bundle holds:
 - ``models/crossval_record.json``: cohort and split (with SHA-256), label policy (from the cohort's
   JSON sidecar when there is one), settings, per-fold results and software versions.
 
+Neither file holds a path of the machine that trained: the cohort is named by its file name and
+SHA-256, the split folder and a label-policy sidecar by their paths relative to the cohort CSV's folder.
+
 Interrupted runs resume: finished folds are kept (``WORK/fold_<k>/complete.json``) and an interrupted
 fold continues after its last finished epoch (the bundle's ``models/last.pt``). Changing the training
 settings between runs is refused instead of mixing two trainings.
@@ -39,9 +42,11 @@ from monai.bundle import ConfigParser
 from scripts.bundle_files import BUNDLE_ROOT, copy_bundle
 from scripts.calibration import CALIBRATION_FILE, fit_beta_calibration, save_calibration
 from scripts.cohort import read_cohort, validate_cohort
+from scripts.deployed import FoldEnsemble
 from scripts.errors import UserInputError, exit_on_user_error
 from scripts.export import export_torchscript
-from training.evaluate import predict_with_models, read_split_plan
+from scripts.split_folder import read_split_plan
+from training.model_outputs import predict_records
 from training.staging import new_output_folder
 
 logger = logging.getLogger("training.crossval")
@@ -156,7 +161,7 @@ def _label_policy(cohort: Path) -> Any:
         except (OSError, ValueError):
             continue
         if isinstance(content, dict) and "label_policy" in content:
-            return {"source": str(sidecar), "label_policy": content["label_policy"]}
+            return {"source": sidecar.name, "label_policy": content["label_policy"]}
     return "not recorded (no label_policy column or JSON sidecar with the cohort CSV)"
 
 
@@ -226,21 +231,26 @@ def crossval(
                 extra_metadata={"source_fold": fold, "checkpoint": checkpoint, **overrides},
             )
             val = [r for r in records if r.pid in plan.val[fold]]
-            outputs = predict_with_models(val, {fold: target / "model.ts"}, device or "cpu")
+            outputs = predict_records(val, FoldEnsemble.load({fold: target / "model.ts"}, device or "cpu"))
             labels = np.array([r.label for r in val])
             calibrators[index] = fit_beta_calibration(
                 outputs.raw[0], labels, where=f"fold {fold} (validation)"
             )
             results[fold].update(validation_nodules=len(val), calibration=calibrators[index].to_dict())
+        cohort_sha256 = sha256_of(cohort)
         save_calibration(
             bundle / "models" / CALIBRATION_FILE,
             calibrators,
-            provenance={"fitted_on": "each fold's validation patients", "cohort": str(cohort)},
+            provenance={
+                "fitted_on": "each fold's validation patients",
+                "cohort": cohort.name,
+                "cohort_sha256": cohort_sha256,
+            },
         )
         record = {
-            "cohort": {"path": str(cohort), "sha256": sha256_of(cohort), "nodules": len(records)},
+            "cohort": {"file": cohort.name, "sha256": cohort_sha256, "nodules": len(records)},
             "split": {
-                "path": str(split_dir),
+                "folder": os.path.relpath(split_dir, cohort.parent),
                 "folds": {str(f): {"train": len(plan.train[f]), "val": len(plan.val[f])} for f in chosen},
                 "test_patients": len(plan.test),
             },

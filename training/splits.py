@@ -1,9 +1,10 @@
 """Patient-level stratified k-fold splits of a cohort CSV: ``python -m training.splits CSV``.
 
 Writes ``OUT/fold_k/train_pid.csv`` and ``OUT/fold_k/val_pid.csv`` (column ``pid``), the layout the
-bundle's ``train.json`` and the authors' code read, and optionally ``OUT/test_pid.csv`` for a
-held-out test set. A patient is stratified by its label (malignant if any of its nodules is), so no
-patient lands in two folds. Deterministic for a given ``--seed``; the folder appears only complete.
+bundle's ``train.json`` and the authors' code read (:mod:`scripts.split_folder`, which also reads
+it), and optionally ``OUT/test_pid.csv`` for a held-out test set. A patient is stratified by its
+label (malignant if any of its nodules is), so no patient lands in two folds. Deterministic for a
+given ``--seed``; the folder appears only complete.
 """
 
 from __future__ import annotations
@@ -14,10 +15,10 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
-from sklearn.model_selection import StratifiedKFold, train_test_split
 
 from scripts.cohort import read_cohort
 from scripts.errors import UserInputError, exit_on_user_error
+from scripts.split_folder import PID_COLUMN, TEST_FILE, TRAIN_FILE, VAL_FILE, fold_folder
 from training.staging import new_output_folder
 
 logger = logging.getLogger(__name__)
@@ -45,6 +46,8 @@ def make_splits(
     Returns:
         ``[(train_pids, val_pids)] * k`` and the sorted test pids.
     """
+    from sklearn.model_selection import StratifiedKFold, train_test_split  # ~2 s: only when splitting
+
     if n_folds < 2:
         raise UserInputError(f"--folds must be at least 2, got {n_folds}")
     if not 0.0 <= test_fraction < 1.0:
@@ -72,19 +75,23 @@ def write_splits(splits: list[tuple[list[str], list[str]]], test: list[str], out
     """Write the split folder atomically (a temporary sibling renamed into place)."""
     with new_output_folder(out_dir) as staging:
         for k, (train, val) in enumerate(splits):
-            fold = staging / f"fold_{k}"
+            fold = fold_folder(staging, k)
             fold.mkdir()
-            for name, pids in (("train_pid.csv", train), ("val_pid.csv", val)):
-                (fold / name).write_text("pid\n" + "".join(f"{p}\n" for p in pids))
+            for name, pids in ((TRAIN_FILE, train), (VAL_FILE, val)):
+                _write_pids(fold / name, pids)
         if test:
-            (staging / "test_pid.csv").write_text("pid\n" + "".join(f"{p}\n" for p in test))
+            _write_pids(staging / TEST_FILE, test)
     return Path(out_dir)
+
+
+def _write_pids(path: Path, pids: list[str]) -> None:
+    path.write_text(f"{PID_COLUMN}\n" + "".join(f"{p}\n" for p in pids))
 
 
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("csv", type=Path, help="cohort CSV (SEMANTIC_SCHEMA.md)")
+    parser.add_argument("csv", type=Path, help="cohort CSV (docs/semantic_schema.md)")
     parser.add_argument(
         "--out", type=Path, default=None, help="split folder (default: splits/ beside the CSV)"
     )

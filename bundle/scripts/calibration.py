@@ -208,13 +208,21 @@ def save_calibration(
     Args:
         path: usually ``BUNDLE/models/calibration.json``.
         calibrators: fold -> map (at least one).
-        provenance: JSON-serialisable facts about the fit (cohort, split folder, date, ...).
+        provenance: JSON-serialisable facts about the fit (cohort, split folder, date, ...); files are
+            named by name, hash or a relative path, never by an absolute path of this machine (the
+            file ships with the bundle).
 
     Returns:
         the written path.
+
+    Raises:
+        ValueError: no maps, or a provenance value is an absolute path.
     """
     if not calibrators:
         raise ValueError("no calibration maps to save")
+    absolute = _absolute_paths(provenance or {})
+    if absolute:
+        raise ValueError(f"calibration provenance holds absolute path(s) {', '.join(absolute)}; record names")
     document = {
         "method": METHOD,
         "folds": {str(int(fold)): calibrators[fold].to_dict() for fold in sorted(calibrators)},
@@ -231,6 +239,17 @@ def save_calibration(
     finally:
         Path(tmp_name).unlink(missing_ok=True)
     return path
+
+
+def _absolute_paths(value: Any) -> list[str]:
+    """Every string in ``value`` (nested dicts and lists too) that is an absolute path."""
+    if isinstance(value, Mapping):
+        return [path for item in value.values() for path in _absolute_paths(item)]
+    if isinstance(value, (list, tuple)):
+        return [path for item in value for path in _absolute_paths(item)]
+    if isinstance(value, (str, Path)) and Path(value).is_absolute():
+        return [str(value)]
+    return []
 
 
 def load_calibration(path: str | Path) -> dict[int, BetaCalibration]:

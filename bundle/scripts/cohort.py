@@ -1,9 +1,10 @@
-"""Read and validate a cohort CSV (one row per nodule) and patient-level cross-validation splits.
+"""Read and validate a cohort CSV (one row per nodule), and check it with its split folder.
 
-The CSV format is the one the authors' code reads (see ``SEMANTIC_SCHEMA.md``): ``pid``,
+The CSV format is the one the authors' code reads (see ``docs/semantic_schema.md``): ``pid``,
 ``nodule_id``, ``image_path``, ``coordX/Y/Z`` (world LPS mm), ``malignant`` (0/1), the size and
 suspicion columns and the 17 semantic columns. Validation collects every problem of the file and
-raises one :class:`~scripts.errors.UserInputError` that lists them with line and column.
+raises one :class:`~scripts.errors.UserInputError` that lists them with line and column. The split
+folder itself is read by :mod:`scripts.split_folder`.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 from scripts.errors import UserInputError
-from scripts.report_text import read_report_file
+from scripts.split_folder import split_problems
 from scripts.vocabulary import COLUMN_ALIASES, FEATURES, SIZE_COLUMNS, SUSPICION_COLUMN
 
 __all__ = [
@@ -28,7 +29,6 @@ __all__ = [
     "CohortSummary",
     "NoduleRecord",
     "read_cohort",
-    "read_split",
     "select",
     "validate_cohort",
 ]
@@ -78,9 +78,11 @@ class NoduleRecord:
             unknown), ``pid``, ``nodule_id``, ``semantics`` (column -> value or ""), ``sizes``
             (column -> float, NaN when missing), ``suspicion`` (str or "") and ``report`` (str or "").
         """
-        report = (
-            read_report_file(Path(report_dir), self.pid, self.nodule_id) if report_dir is not None else None
-        )
+        report = None
+        if report_dir is not None:
+            from scripts.report_text import read_report_file  # MONAI and torch: only when reports are read
+
+            report = read_report_file(Path(report_dir), self.pid, self.nodule_id)
         return {
             "image": str(self.image_path),
             "seed": np.asarray(self.seed_lps, dtype=np.float32),
@@ -303,49 +305,6 @@ def _parse_cohort(csv_path: str | Path, *, require_label: bool, check_images: bo
     return _ParsedCohort(name=name, records=records, problems=problems, rows=refs)
 
 
-def read_pids(path: Path) -> set[str]:
-    if not path.is_file():
-        raise UserInputError(f"split file '{path}' does not exist")
-    try:
-        table = pd.read_csv(path, dtype=str)
-    except pd.errors.EmptyDataError as error:
-        raise UserInputError(f"split file '{path}' is empty; expected a 'pid' column") from error
-    table.columns = [str(c).strip() for c in table.columns]
-    if "pid" not in table.columns:
-        raise UserInputError(f"split file '{path}' has no 'pid' column (columns: {', '.join(table.columns)})")
-    pids = {str(p).strip() for p in table["pid"].dropna() if str(p).strip()}
-    if not pids:
-        raise UserInputError(f"split file '{path}' lists no patient ids")
-    return pids
-
-
-def read_split(split_dir: Path, fold: int) -> tuple[set[str], set[str]]:
-    """Read the patient ids of one cross-validation fold.
-
-    Args:
-        split_dir: Folder with ``fold_{k}/train_pid.csv`` and ``fold_{k}/val_pid.csv`` (column ``pid``).
-        fold: Fold number.
-
-    Returns:
-        ``(train_pids, val_pids)``.
-
-    Raises:
-        UserInputError: A file is missing or malformed, or a patient is in both sets.
-    """
-    folder = Path(split_dir).expanduser() / f"fold_{fold}"
-    if not folder.is_dir():
-        raise UserInputError(
-            f"split folder '{folder}' does not exist (expected train_pid.csv and val_pid.csv)"
-        )
-    train = read_pids(folder / "train_pid.csv")
-    val = read_pids(folder / "val_pid.csv")
-    both = sorted(train & val)
-    if both:
-        shown = ", ".join(both[:10]) + (" ..." if len(both) > 10 else "")
-        raise UserInputError(f"split '{folder}': {len(both)} patient(s) in both train and val: {shown}")
-    return train, val
-
-
 def select(records: Iterable[NoduleRecord], pids: Iterable[str]) -> list[NoduleRecord]:
     """The records of the given patients, in their original order.
 
@@ -444,68 +403,6 @@ def _image_problems(name: str, rows: list[_RowRef]) -> list[tuple[int, str]]:
     return problems
 
 
-def _pid_lines(path: Path) -> dict[str, int]:
-    """Patient id -> first line in a split file (validated as :func:`read_split` does)."""
-    read_pids(path)
-    table = pd.read_csv(path, dtype=str, skip_blank_lines=False)
-    table.columns = [str(c).strip() for c in table.columns]
-    lines: dict[str, int] = {}
-    for index, value in table["pid"].items():
-        if isinstance(value, str) and value.strip():
-            lines.setdefault(value.strip(), int(index) + 2)  # type: ignore[call-overload]
-    return lines
-
-
-def _split_problems(
-    split_dir: Path, fold: int | None, csv_pids: set[str], csv_name: str
-) -> tuple[list[str], list[tuple[int, int, int]]]:
-    """Check one fold (or every ``fold_*`` when ``fold`` is None) against the CSV's patients."""
-    folder = Path(split_dir).expanduser()
-    if not folder.is_dir():
-        return [f"split folder '{folder}' does not exist (expected fold_k/train_pid.csv, val_pid.csv)"], []
-    if fold is None:
-        folds = sorted(int(p.name[5:]) for p in folder.glob("fold_*") if p.is_dir() and p.name[5:].isdigit())
-        if not folds:
-            return [f"split folder '{folder}' has no fold_k folders"], []
-    else:
-        folds = [int(fold)]
-    problems: list[str] = []
-    counts: list[tuple[int, int, int]] = []
-    for k in folds:
-        fold_dir = folder / f"fold_{k}"
-        if not fold_dir.is_dir():
-            problems.append(f"split folder '{fold_dir}' does not exist (expected train_pid.csv, val_pid.csv)")
-            continue
-        sides: dict[str, dict[str, int]] = {}
-        for side in ("train", "val"):
-            file = fold_dir / f"{side}_pid.csv"
-            try:
-                sides[side] = _pid_lines(file)
-            except UserInputError as error:
-                problems.append(str(error))
-                continue
-            unknown = [(pid, line) for pid, line in sides[side].items() if pid not in csv_pids]
-            if unknown:
-                shown = ", ".join(f"line {line} '{pid}'" for pid, line in unknown[:10])
-                more = " ..." if len(unknown) > 10 else ""
-                problems.append(f"{file}: {len(unknown)} patient id(s) not in {csv_name}: {shown}{more}")
-        if len(sides) < 2:
-            continue
-        both = sorted(set(sides["train"]) & set(sides["val"]))
-        if both:
-            shown = ", ".join(
-                f"'{pid}' (train_pid.csv line {sides['train'][pid]}, val_pid.csv line {sides['val'][pid]})"
-                for pid in both[:10]
-            )
-            problems.append(
-                f"split '{fold_dir}': {len(both)} patient(s) in both train and val: {shown}"
-                + (" ..." if len(both) > 10 else "")
-            )
-        else:
-            counts.append((k, len(sides["train"]), len(sides["val"])))
-    return problems, counts
-
-
 def validate_cohort(
     csv_path: str | Path,
     *,
@@ -547,7 +444,7 @@ def validate_cohort(
     folds: list[tuple[int, int, int]] = []
     if split_dir is not None:
         csv_pids = {ref.pid for ref in parsed.rows if ref.pid is not None}
-        split_texts, folds = _split_problems(Path(split_dir), fold, csv_pids, name)
+        split_texts, folds = split_problems(Path(split_dir), fold, csv_pids, name)
         texts.extend(split_texts)
     if texts:
         raise _problems_error(name, "the cohort", texts)

@@ -10,8 +10,9 @@ import torch
 from monai.data import DistributedWeightedRandomSampler
 from torch.utils.data import WeightedRandomSampler
 
-from scripts.cohort import read_cohort, read_split, select
+from scripts.cohort import read_cohort, select
 from scripts.errors import UserInputError
+from scripts.split_folder import read_split
 
 logger = logging.getLogger(__name__)
 
@@ -29,7 +30,7 @@ def cohort_items(
     """Dataset items of a cohort CSV, optionally restricted to one side of a patient-level split.
 
     Args:
-        csv_path: the cohort CSV (see SEMANTIC_SCHEMA.md).
+        csv_path: the cohort CSV (see docs/semantic_schema.md).
         subset: ``train`` or ``val`` (needs ``split_dir``), or ``all``.
         split_dir: folder with ``fold_k/train_pid.csv`` and ``fold_k/val_pid.csv``.
         fold: the fold k.
