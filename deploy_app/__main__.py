@@ -19,6 +19,7 @@ os.environ.setdefault("HOLOSCAN_LOG_LEVEL", "WARN")
 
 from deploy_app.app import process_folder
 from deploy_app.findings import results_table
+from deploy_app.seeds import MAX_SEEDS_PER_SERIES
 from scripts.errors import UserInputError, user_message
 
 EXIT_OK, EXIT_INPUT, EXIT_PARTIAL = 0, 2, 3
@@ -36,9 +37,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("-o", "--output", type=Path, help=f"output folder (default ${_ENV['output']})")
     parser.add_argument("-m", "--model", type=Path, help=f"bundle folder (default ${_ENV['model']})")
     parser.add_argument(
+        "--max-seeds",
+        type=int,
+        default=MAX_SEEDS_PER_SERIES,
+        help=f"most seeds analysed per series; more fail the series (default {MAX_SEEDS_PER_SERIES})",
+    )
+    parser.add_argument(
         "-l", "--log-level", default="INFO", type=str.upper, choices=["DEBUG", "INFO", "WARNING", "ERROR"]
     )
     args = parser.parse_args(argv)
+    if args.max_seeds < 1:
+        parser.error("--max-seeds must be at least 1")
     for name, variable in _ENV.items():
         if getattr(args, name) is None:
             value = os.environ.get(variable)
@@ -56,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     # ... except the loader's notes on ignored files and dropped duplicate slices, which change inputs.
     logging.getLogger("monai.deploy.operators.dicom_data_loader_operator").setLevel(logging.INFO)
     try:
-        outcome = process_folder(args.input, args.output, args.model)
+        outcome = process_folder(args.input, args.output, args.model, max_seeds=args.max_seeds)
     except UserInputError as error:
         print(f"error: {user_message(error)}", file=sys.stderr)
         return EXIT_INPUT

@@ -2,7 +2,8 @@
 
 Graph: SDK DICOM loader -> SDK series selector (``series_rules.json``) -> SDK series-to-volume for
 every selected series (after a geometry check) -> nodule seeds -> semantic CLIP inference (all folds
-of the bundle, all nodules of a series in one batch) -> SR, PDF and Secondary Capture writers.
+of the bundle, all nodules of a series in one batch) -> the report writers (by default the SR, the
+PDF, the encapsulated PDF and the Secondary Capture montages; :mod:`deploy_app.report.writers`).
 
 :func:`process_folder` runs it on one folder and reports what was written; ``python -m deploy_app``
 is the command line (see ``__main__``); the PACS listener calls :func:`process_folder` per study.
@@ -29,7 +30,8 @@ from deploy_app.operators import (
     SemanticCLIPInferenceOperator,
     SeriesVolumesOperator,
 )
-from deploy_app.seeds import DEFAULT_SOURCES, SeedSource
+from deploy_app.report import DEFAULT_WRITERS, ReportWriter
+from deploy_app.seeds import DEFAULT_SOURCES, MAX_SEEDS_PER_SERIES, SeedSource
 from scripts.errors import UserInputError
 
 logger = logging.getLogger(__name__)
@@ -77,6 +79,8 @@ class SemanticCLIPApp(Application):
         output_folder: where results go; default from ``-o``/HOLOSCAN_OUTPUT_PATH.
         models: the loaded bundle; default loaded from ``-m``/HOLOSCAN_MODEL_PATH.
         seed_sources: seed sources in order of precedence.
+        max_seeds: most seeds analysed per series.
+        report_writers: the outputs written per series, in order.
         rules_file: series selection rules.
     """
 
@@ -91,6 +95,8 @@ class SemanticCLIPApp(Application):
         output_folder: Path | None = None,
         models: BundleModels | None = None,
         seed_sources: Sequence[SeedSource] = DEFAULT_SOURCES,
+        max_seeds: int = MAX_SEEDS_PER_SERIES,
+        report_writers: Sequence[ReportWriter] = DEFAULT_WRITERS,
         rules_file: Path = SERIES_RULES,
         **kwargs,
     ) -> None:
@@ -99,6 +105,8 @@ class SemanticCLIPApp(Application):
         self.output_folder = output_folder
         self.models = models
         self.seed_sources = tuple(seed_sources)
+        self.max_seeds = max_seeds
+        self.report_writers = tuple(report_writers)
         self.rules_file = rules_file
         self.outcome = AppOutcome()
 
@@ -119,11 +127,19 @@ class SemanticCLIPApp(Application):
         selector = DICOMSeriesSelectorOperator(self, rules=rules, all_matched=True, name="ct_series_selector")
         volumes = SeriesVolumesOperator(self, min_slices=min_slices, name="ct_series_to_volume")
         seeds = NoduleSeedsOperator(
-            self, input_folder=self.input_folder, sources=self.seed_sources, name="nodule_seeds"
+            self,
+            input_folder=self.input_folder,
+            sources=self.seed_sources,
+            max_seeds=self.max_seeds,
+            name="nodule_seeds",
         )
         inference = SemanticCLIPInferenceOperator(self, models=self.models, name="semantic_clip_inference")
         writers = ReportWritersOperator(
-            self, output_folder=self.output_folder, outcome=self.outcome, name="report_writers"
+            self,
+            output_folder=self.output_folder,
+            outcome=self.outcome,
+            writers=self.report_writers,
+            name="report_writers",
         )
         self.add_flow(loader, selector, {("dicom_study_list", "dicom_study_list")})
         self.add_flow(selector, volumes, {("study_selected_series_list", "study_selected_series_list")})
@@ -139,6 +155,8 @@ def process_folder(
     *,
     models: BundleModels | None = None,
     seed_sources: Sequence[SeedSource] = DEFAULT_SOURCES,
+    max_seeds: int = MAX_SEEDS_PER_SERIES,
+    report_writers: Sequence[ReportWriter] = DEFAULT_WRITERS,
 ) -> AppOutcome:
     """Run the application on one folder.
 
@@ -148,6 +166,8 @@ def process_folder(
         model_dir: the bundle folder (ignored when ``models`` is given).
         models: an already loaded bundle (the PACS listener keeps one).
         seed_sources: seed sources in order of precedence.
+        max_seeds: most seeds analysed per series; a series with more fails with a message.
+        report_writers: the outputs written per series, in order (add or drop one here).
 
     Returns:
         the written files and the series that failed (with messages).
@@ -163,7 +183,12 @@ def process_folder(
             raise ValueError("give model_dir or models")
         models = BundleModels.load(model_dir)
     app = SemanticCLIPApp(
-        input_folder=input_dir, output_folder=output_dir, models=models, seed_sources=seed_sources
+        input_folder=input_dir,
+        output_folder=output_dir,
+        models=models,
+        seed_sources=seed_sources,
+        max_seeds=max_seeds,
+        report_writers=report_writers,
     )
     app.run()
     return app.outcome

@@ -20,12 +20,10 @@ import numpy as np
 from monai.deploy.core import Fragment, Operator, OperatorSpec
 from monai.deploy.operators import DICOMSeriesToVolumeOperator
 
-from deploy_app.dicom_io import write_dataset
 from deploy_app.findings import SeriesResult, SkippedSeed
 from deploy_app.inference import BundleModels, analyse_nodules
-from deploy_app.report import encapsulated_pdf, render_report_pdf, secondary_capture
-from deploy_app.seeds import DEFAULT_SOURCES, CTSeriesInfo, SeedSource, find_seeds
-from deploy_app.sr import build_measurement_report
+from deploy_app.report import DEFAULT_WRITERS, ReportInput, ReportWriter
+from deploy_app.seeds import DEFAULT_SOURCES, MAX_SEEDS_PER_SERIES, CTSeriesInfo, SeedSource, find_seeds
 from deploy_app.uids import check_uid, path_inside
 from deploy_app.volume import (
     SeriesFailure,
@@ -202,6 +200,7 @@ class NoduleSeedsOperator(Operator):
     Args:
         input_folder: where the study's files are (seed SR/SEG/files live beside the CT).
         sources: seed sources in order of precedence (an automatic detector is one more source).
+        max_seeds: most seeds analysed per series; more fail the series.
     """
 
     def __init__(
@@ -210,10 +209,12 @@ class NoduleSeedsOperator(Operator):
         *args,
         input_folder: Path,
         sources: Sequence[SeedSource] = DEFAULT_SOURCES,
+        max_seeds: int = MAX_SEEDS_PER_SERIES,
         **kwargs,
     ) -> None:
         self.input_folder = Path(input_folder)
         self.sources = tuple(sources)
+        self.max_seeds = max_seeds
         super().__init__(fragment, *args, **kwargs)
 
     def setup(self, spec: OperatorSpec) -> None:
@@ -228,7 +229,7 @@ class NoduleSeedsOperator(Operator):
                 continue
             try:
                 info = CTSeriesInfo.from_geometry(item.geometry)
-                seeds, skipped, source = find_seeds(self.input_folder, info, self.sources)
+                seeds, skipped, source = find_seeds(self.input_folder, info, self.sources, self.max_seeds)
             except UserInputError as error:
                 found.append(_user_failure(item.description, error))
                 continue
@@ -288,15 +289,17 @@ def _staging(output_folder: Path, name: str) -> Path:
 
 
 class ReportWritersOperator(Operator):
-    """Write, per series, the TID 1500 SR, the encapsulated PDF report (+ the PDF itself) and
-    Secondary Capture montages into ``output_folder/<SeriesInstanceUID>/``, all or nothing.
+    """Run the report writers of each series into ``output_folder/<SeriesInstanceUID>/``, all or nothing.
 
-    Named input ``series_results``; the outcome is recorded in ``outcome``.
+    Named input ``series_results``; the outcome is recorded in ``outcome``. The writers write into
+    one staging folder per series, which is moved into place when all of them succeeded; when one
+    raises, the staging folder is removed and the error propagates (with a note naming the writer).
 
     Args:
         output_folder: where results go.
         outcome: filled with the written files and the failures.
-        secondary_capture_images: also write one Secondary Capture montage per nodule.
+        writers: the outputs, in order (:data:`deploy_app.report.DEFAULT_WRITERS`: SR, PDF,
+            encapsulated PDF, Secondary Capture montages); a site adds or drops one here.
     """
 
     def __init__(
@@ -305,12 +308,12 @@ class ReportWritersOperator(Operator):
         *args,
         output_folder: Path,
         outcome: AppOutcome,
-        secondary_capture_images: bool = True,
+        writers: Sequence[ReportWriter] = DEFAULT_WRITERS,
         **kwargs,
     ) -> None:
         self.output_folder = Path(output_folder)
         self.outcome = outcome
-        self.secondary_capture_images = secondary_capture_images
+        self.writers = tuple(writers)
         super().__init__(fragment, *args, **kwargs)
 
     def setup(self, spec: OperatorSpec) -> None:
@@ -333,26 +336,13 @@ class ReportWritersOperator(Operator):
         target = path_inside(self.output_folder, uid)
         staging = _staging(self.output_folder, uid)
         try:
-            write_dataset(build_measurement_report(datasets, item.result), staging / "sr.dcm")
-            pdf = render_report_pdf(
-                item.result,
-                study_description=str(reference.get("StudyDescription", "")) or None,
-                series_description=str(reference.get("SeriesDescription", "")) or None,
-                study_date=str(reference.get("StudyDate", "")) or None,
-            )
-            (staging / "report.pdf").write_bytes(pdf)
-            document = encapsulated_pdf(
-                pdf,
-                reference,
-                title="Semantic CLIP nodule report",
-                source_datasets=datasets,
-                model_name=item.result.model.name,
-                software_versions=item.result.model.version,
-            )
-            write_dataset(document, staging / "report_pdf.dcm")
-            if self.secondary_capture_images:
-                for n, image in enumerate(secondary_capture(item.result, reference), start=1):
-                    write_dataset(image, staging / f"nodule_{n}_sc.dcm")
+            report = ReportInput(ct_datasets=datasets, result=item.result)
+            for writer in self.writers:
+                try:
+                    writer.write(report, staging)
+                except Exception as error:
+                    error.add_note(f"{item.series.description}: report writer '{writer.name}' failed")
+                    raise
             if target.exists():
                 shutil.rmtree(target)
             os.replace(staging, target)

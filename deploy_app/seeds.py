@@ -86,6 +86,11 @@ SEED_FILE_NAMES = ("seeds.csv", "seeds.json")
 """Names of the seeds files (matched case-insensitively)."""
 
 _DUPLICATE_DISTANCE_MM = 1e-3
+#: Most seeds analysed per series unless the caller raises it: each costs a model batch row and a
+#: report section, so a runaway detector or a hostile seeds file cannot exhaust the machine.
+MAX_SEEDS_PER_SERIES = 200
+#: Longest seed label kept (the DICOM LO length): it is the SR's Tracking Identifier and a report heading.
+MAX_LABEL_CHARACTERS = 64
 _CSV_REQUIRED = ("x", "y", "z")
 _CSV_OPTIONAL = ("label", "series_instance_uid")
 _MEASUREMENT_GROUP = ("125007", "DCM")
@@ -583,6 +588,17 @@ def read_seeds_csv(path: Path, display: str | None = None) -> list[_SeedRow]:
         UserInputError: a missing or unknown column, or a row without 3 numbers (names file and line).
     """
     display = display or str(path)
+    try:
+        return _read_seeds_csv(path, display)
+    except UnicodeDecodeError as error:
+        raise UserInputError(
+            f"{display}: not UTF-8 text (byte {error.start}); save the file as UTF-8 and resend it"
+        ) from error
+    except csv.Error as error:
+        raise UserInputError(f"{display}: not a readable CSV file ({error})") from error
+
+
+def _read_seeds_csv(path: Path, display: str) -> list[_SeedRow]:
     with path.open(newline="", encoding="utf-8-sig") as stream:
         reader = csv.reader(stream)
         header = next(reader, None)
@@ -628,6 +644,8 @@ def read_seeds_json(path: Path, display: str | None = None) -> list[_SeedRow]:
         document = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise UserInputError(f"{display}: not valid JSON ({error})") from error
+    except RecursionError as error:  # e.g. [[[[...]]]] nested deeper than the parser's stack
+        raise UserInputError(f"{display}: JSON nested too deeply to be a seeds file") from error
     entries = document.get("seeds") if isinstance(document, dict) else None
     if not isinstance(entries, list):
         raise UserInputError(
@@ -707,22 +725,55 @@ def _skip_reason(seed: NoduleSeed, ct: CTSeriesInfo) -> str | None:
     return None
 
 
-def _is_duplicate(seed: NoduleSeed, kept: Sequence[NoduleSeed]) -> bool:
-    for other in kept:
-        if seed.tracking_uid and seed.tracking_uid == other.tracking_uid:
-            return True
-        distance = np.linalg.norm(np.subtract(seed.position_lps, other.position_lps))
-        if distance <= _DUPLICATE_DISTANCE_MM and seed.frame_of_reference_uid == other.frame_of_reference_uid:
-            return True
-    return False
+_NEIGHBOUR_CELLS = [(i, j, k) for i in (-1, 0, 1) for j in (-1, 0, 1) for k in (-1, 0, 1)]
 
 
-def _unique_label(label: str, used: set[str]) -> str:
-    candidate, number = label, 2
-    while candidate in used:
-        candidate, number = f"{label} ({number})", number + 1
-    used.add(candidate)
-    return candidate
+class _RepeatFinder:
+    """Says whether a seed repeats an earlier one (same tracking UID, or in the same frame of
+    reference within :data:`_DUPLICATE_DISTANCE_MM`), in constant time per seed.
+
+    Positions are hashed into cubes of the duplicate distance: a repeat lies in the seed's cube or
+    one of its 26 neighbours, so thousands of seeds are checked in linear time, not quadratic.
+    """
+
+    def __init__(self) -> None:
+        self._tracking_uids: set[str] = set()
+        self._cells: dict[tuple[str | None, int, int, int], list[np.ndarray]] = {}
+
+    def seen(self, seed: NoduleSeed) -> bool:
+        """True when ``seed`` repeats an earlier one; otherwise it is remembered."""
+        if seed.tracking_uid and seed.tracking_uid in self._tracking_uids:
+            return True
+        position = np.asarray(seed.position_lps, dtype=np.float64)
+        cell = None
+        if position.shape == (3,) and np.isfinite(position).all():
+            cell = tuple(math.floor(v / _DUPLICATE_DISTANCE_MM) for v in position)
+            for di, dj, dk in _NEIGHBOUR_CELLS:
+                key = (seed.frame_of_reference_uid, cell[0] + di, cell[1] + dj, cell[2] + dk)
+                for other in self._cells.get(key, ()):
+                    if np.linalg.norm(position - other) <= _DUPLICATE_DISTANCE_MM:
+                        return True
+        if seed.tracking_uid:
+            self._tracking_uids.add(seed.tracking_uid)
+        if cell is not None:
+            self._cells.setdefault((seed.frame_of_reference_uid, *cell), []).append(position)
+        return False
+
+
+class _UniqueLabels:
+    """``label``, then ``label (2)``, ``label (3)``... for repeats, in amortised constant time."""
+
+    def __init__(self) -> None:
+        self._used: set[str] = set()
+        self._next_number: dict[str, int] = {}
+
+    def __call__(self, label: str) -> str:
+        candidate, number = label, self._next_number.get(label, 2)
+        while candidate in self._used:
+            candidate, number = f"{label} ({number})", number + 1
+        self._next_number[label] = number
+        self._used.add(candidate)
+        return candidate
 
 
 def check_seeds(seeds: Sequence[NoduleSeed], ct: CTSeriesInfo) -> tuple[list[NoduleSeed], list[SkippedSeed]]:
@@ -737,14 +788,19 @@ def check_seeds(seeds: Sequence[NoduleSeed], ct: CTSeriesInfo) -> tuple[list[Nod
     """
     usable: list[NoduleSeed] = []
     skipped: list[SkippedSeed] = []
-    considered: list[NoduleSeed] = []
-    labels: set[str] = set()
+    repeats = _RepeatFinder()
+    unique_label = _UniqueLabels()
     for seed in seeds:
-        if _is_duplicate(seed, considered):
+        if repeats.seen(seed):
             logger.info("%s: repeats an earlier seed; used once", seed.source)
             continue
-        considered.append(seed)
-        label = _unique_label(seed.label, labels)
+        label = seed.label
+        if len(label) > MAX_LABEL_CHARACTERS:
+            label = label[: MAX_LABEL_CHARACTERS - 3] + "..."
+            logger.warning(
+                "%s: label of %d characters cut to %d", seed.source, len(seed.label), MAX_LABEL_CHARACTERS
+            )
+        label = unique_label(label)
         reason = _skip_reason(seed, ct)
         if reason is None:
             usable.append(
@@ -765,7 +821,10 @@ def check_seeds(seeds: Sequence[NoduleSeed], ct: CTSeriesInfo) -> tuple[list[Nod
 
 
 def find_seeds(
-    input_dir: str | Path, ct: CTSeriesInfo, sources: Sequence[SeedSource] = DEFAULT_SOURCES
+    input_dir: str | Path,
+    ct: CTSeriesInfo,
+    sources: Sequence[SeedSource] = DEFAULT_SOURCES,
+    max_seeds: int = MAX_SEEDS_PER_SERIES,
 ) -> tuple[list[NoduleSeed], list[SkippedSeed], str]:
     """The seeds of one CT series: those of the first source that has a usable one.
 
@@ -773,6 +832,7 @@ def find_seeds(
         input_dir: the app's input folder.
         ct: the CT series.
         sources: sources in order of precedence.
+        max_seeds: most usable seeds accepted for the series.
 
     Returns:
         ``(seeds, skipped, source name)``: the usable seeds (frame set to the CT's), the skipped
@@ -780,7 +840,7 @@ def find_seeds(
 
     Raises:
         UserInputError: no source has a usable seed for the series (names the folder, what each
-            source found, and the accepted seed sources).
+            source found, and the accepted seed sources), or more than ``max_seeds`` are usable.
     """
     folder = Path(input_dir)
     findings: list[str] = []
@@ -792,6 +852,12 @@ def find_seeds(
         usable, skipped = check_seeds(found, ct)
         for item in skipped:
             logger.warning("seed %s (%s) skipped: %s", item.seed.label, item.seed.source, item.reason)
+        if len(usable) > max_seeds:
+            raise UserInputError(
+                f"CT series {ct.series_instance_uid}: {source.name} gives {len(usable)} usable seeds, "
+                f"more than the {max_seeds} analysed per series; send fewer seeds or raise the limit "
+                "(--max-seeds)"
+            )
         if usable:
             logger.info(
                 "CT series %s: %d seed(s) from %s%s",

@@ -72,10 +72,11 @@ Content items are highdicom's, but two of highdicom's whole-tree passes are skip
 content cannot need them: a measurement group gets its measurements after construction (the
 constructor searches each one's subtree for coordinates), and the document is constructed around
 the root container without its children (the constructor deep-copies the tree, parses the copy back
-and searches it for image references), which are attached afterwards; tests check that both give
-exactly what highdicom's constructors give. A five-nodule report over 300 CT headers takes ~70 ms
-instead of ~370 ms (``bench/bench_writers.py``); writing it (pydicom, ~7,700 elements, 170 kB)
-takes about as long again.
+and searches it for image references), which are attached afterwards
+(:func:`comprehensive_3d_sr_without_tree_copy`, the one function that writes a private highdicom
+attribute); tests check that both give exactly what highdicom's constructors give. A five-nodule
+report over 300 CT headers takes ~70 ms instead of ~370 ms (``bench/bench_writers.py``); writing it
+(pydicom, ~7,700 elements, 170 kB) takes about as long again.
 
 Report-level comments
 ---------------------
@@ -93,6 +94,7 @@ import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import highdicom as hd
 import numpy as np
@@ -388,35 +390,60 @@ def assemble_report(
     root = report[0]
     if comments:
         root.ContentSequence.append(comments_container(comments))
-    # highdicom's constructor deep-copies the content tree, parses the copy back into content items
-    # and searches it twice for image references: ~0.3 s for five nodules, most of the report's
-    # cost. The tree is already made of highdicom content items and holds no IMAGE or COMPOSITE
-    # reference (the evidence is given explicitly), so the document is built around the root
-    # container without its children, which are then attached to the document and to its content.
+    return comprehensive_3d_sr_without_tree_copy(
+        root,
+        evidence=_evidence(ct_datasets),
+        series_instance_uid=series_instance_uid,
+        series_number=series_number,
+        sop_instance_uid=sop_instance_uid,
+        instance_number=instance_number,
+        manufacturer=manufacturer,
+        manufacturer_model_name=manufacturer_model_name,
+        software_versions=software_versions,
+        series_description=series_description,
+        institution_name=institution_name,
+        is_complete=is_complete,
+        is_final=False,
+        is_verified=False,
+        coding_schemes=[private_coding_scheme()],
+    )
+
+
+def comprehensive_3d_sr_without_tree_copy(
+    root: hd.sr.ContainerContentItem, **attributes: Any
+) -> hd.sr.Comprehensive3DSR:
+    """``hd.sr.Comprehensive3DSR(content=root, **attributes)``, without its passes over the tree.
+
+    The one place that relies on highdicom's internals. Why: highdicom's constructor deep-copies the
+    content tree, parses the copy back into content items and searches it twice for image
+    references: ~0.3 s for a five-nodule report, most of its cost. The tree given here is already
+    made of highdicom content items and holds no IMAGE or COMPOSITE reference (the evidence is given
+    explicitly), so the document is built around the root container without its children, which are
+    then attached to the document's Content Sequence and to its private ``_content`` (what the
+    public ``document.content`` returns; highdicom sets nothing else from the tree). Unlike
+    highdicom's, the returned ``document.content`` shares its items with ``root`` instead of holding
+    a copy.
+
+    ``tests/test_sr.py`` checks that the result equals the public constructor's apart from dates and
+    that ``_content`` is still the attribute behind ``content``: a highdicom release that changes
+    either fails there, not in a PACS.
+
+    Args:
+        root: the TID 1500 root container with its children; no IMAGE or COMPOSITE item below it.
+        attributes: the other keyword arguments of ``hd.sr.Comprehensive3DSR`` (``evidence``
+            included: it must list every referenced instance).
+
+    Returns:
+        The SR document.
+    """
     children = root.ContentSequence
     root.ContentSequence = []
     try:
-        document = hd.sr.Comprehensive3DSR(
-            evidence=_evidence(ct_datasets),
-            content=root,
-            series_instance_uid=series_instance_uid,
-            series_number=series_number,
-            sop_instance_uid=sop_instance_uid,
-            instance_number=instance_number,
-            manufacturer=manufacturer,
-            manufacturer_model_name=manufacturer_model_name,
-            software_versions=software_versions,
-            series_description=series_description,
-            institution_name=institution_name,
-            is_complete=is_complete,
-            is_final=False,
-            is_verified=False,
-            coding_schemes=[private_coding_scheme()],
-        )
+        document = hd.sr.Comprehensive3DSR(content=root, **attributes)
     finally:
         root.ContentSequence = children
     document.ContentSequence = children
-    document._content = hd.sr.ContentSequence([root], is_root=True)  # what `document.content` returns
+    document._content = hd.sr.ContentSequence([root], is_root=True)
     return document
 
 

@@ -9,6 +9,7 @@ the same way.
 
 from __future__ import annotations
 
+import math
 import re
 import shutil
 from collections.abc import Iterator
@@ -22,10 +23,16 @@ from pydicom import config
 from pynetdicom import AE
 
 from demo.study import write_demo_study
+from deploy_app import inference
 from deploy_app.__main__ import EXIT_INPUT, main
+from deploy_app.findings import NoduleSeed
+from deploy_app.inference import BundleModels
 from deploy_app.pacs import STATUS_CANNOT_UNDERSTAND, StorageServer, StudyCollector, WorkDirs
+from deploy_app.seeds import MAX_LABEL_CHARACTERS, CTSeriesInfo, check_seeds, read_seeds_csv, read_seeds_json
 from deploy_app.uids import PATH_UID_KEYWORDS, InvalidUIDError, check_uid, is_valid_uid, path_inside
+from deploy_app.volume import check_series_geometry
 from scripts.errors import UserInputError
+from scripts.transforms import LoadCT
 from training.demo_bundle import build_untrained_bundle
 from training.dicom_ct import CTGeometry, SyntheticPatient, write_ct_series
 
@@ -325,3 +332,103 @@ def test_a_data_set_sop_uid_other_than_the_requests_is_refused(
     response = server._handle_store(event)
     assert response.Status == STATUS_CANNOT_UNDERSTAND and "differs" in response.ErrorComment
     assert server.collector.pending_studies() == {}
+
+
+# --- seeds files and seed counts ---
+
+
+@pytest.fixture(scope="module")
+def ct_info(study: Path) -> CTSeriesInfo:
+    headers = [pydicom.dcmread(p, stop_before_pixels=True) for p in sorted((study / "ct").glob("*.dcm"))]
+    return CTSeriesInfo.from_geometry(check_series_geometry(headers))
+
+
+def scan_centre_lps(info: CTSeriesInfo) -> np.ndarray:
+    ras = info.affine_ras @ np.array([*((np.array(info.shape) - 1) / 2), 1.0])
+    return ras[:3] * np.array([-1.0, -1.0, 1.0])
+
+
+def test_a_latin1_seeds_csv_is_named_and_refused(tmp_path: Path) -> None:
+    path = tmp_path / "seeds.csv"
+    path.write_bytes("x,y,z,label\n1,2,3,Läsion\n".encode("latin-1"))
+    with pytest.raises(UserInputError, match=r"seeds.csv: not UTF-8 text .* save the file as UTF-8"):
+        read_seeds_csv(path)
+
+
+def test_a_csv_field_over_the_csv_limit_is_named_and_refused(tmp_path: Path) -> None:
+    path = tmp_path / "seeds.csv"
+    path.write_text('x,y,z,label\n1,2,3,"' + "a" * (200 * 1024) + '"\n')
+    with pytest.raises(UserInputError, match="seeds.csv: not a readable CSV file"):
+        read_seeds_csv(path)
+
+
+def test_a_seeds_json_nested_200000_levels_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "seeds.json"
+    path.write_text("[" * 200_000 + "]" * 200_000)
+    with pytest.raises(UserInputError, match="seeds.json: JSON nested too deeply"):
+        read_seeds_json(path)
+
+
+def test_ten_thousand_seeds_are_checked_in_linear_time_and_repeats_found(ct_info: CTSeriesInfo) -> None:
+    positions = scan_centre_lps(ct_info) + np.random.default_rng(0).uniform(-20, 20, size=(10_000, 3))
+    seeds = [NoduleSeed(tuple(p), "Nodule", "seeds.csv") for p in positions]
+    repeats = [NoduleSeed(tuple(p + 0.0005), "Nodule", "seeds.csv") for p in positions[:50]]
+    usable, skipped = check_seeds(seeds + repeats, ct_info)
+    assert len(usable) + len(skipped) == 10_000  # the 50 repeats (0.87 µm away) are used once
+    labels = [seed.label for seed in usable] + [s.seed.label for s in skipped]
+    assert len(set(labels)) == 10_000 and labels[:3] == ["Nodule", "Nodule (2)", "Nodule (3)"]
+
+
+def test_repeats_by_tracking_uid_and_by_position_match_the_pairwise_rule(ct_info: CTSeriesInfo) -> None:
+    x, y, z = (float(v) for v in scan_centre_lps(ct_info))
+    seeds = [
+        NoduleSeed((x, y, z), "A", "s", tracking_uid="1.2.3"),
+        NoduleSeed((x + 10, y, z), "B", "s", tracking_uid="1.2.3"),  # same tracking UID
+        NoduleSeed((x + 0.0009, y, z), "C", "s"),  # within 1 µm, across a cell border or not
+        NoduleSeed((x + 0.0011, y, z), "D", "s"),  # 1.1 µm from A, 0.2 µm from the dropped C
+        NoduleSeed((x, y, z), "E", "s", frame_of_reference_uid="9.9"),  # another frame: not a repeat
+        NoduleSeed((math.nan, y, z), "F", "s"),
+        NoduleSeed((math.nan, y, z), "G", "s"),  # non-finite positions never repeat by position
+    ]
+    usable, skipped = check_seeds(seeds, ct_info)
+    assert sorted([s.label for s in usable] + [s.seed.label for s in skipped]) == ["A", "D", "E", "F", "G"]
+
+
+def test_a_5000_character_label_is_cut_and_logged(
+    ct_info: CTSeriesInfo, caplog: pytest.LogCaptureFixture
+) -> None:
+    centre = tuple(float(v) for v in scan_centre_lps(ct_info))
+    (seed, *_), _ = check_seeds([NoduleSeed(centre, "L" * 5000, "seeds.csv line 2")], ct_info)
+    assert seed.label == "L" * (MAX_LABEL_CHARACTERS - 3) + "..."
+    assert "label of 5000 characters cut to 64" in caplog.text
+
+
+def test_more_seeds_than_the_cap_fail_the_series_with_the_option_named(
+    study: Path, bundle: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    inputs = shutil.copytree(study, tmp_path / "in")
+    x, y, z = (float(v) for v in (inputs / "seeds.csv").read_text().splitlines()[1].split(",")[:3])
+    rows = "".join(f"{x + 0.01 * k},{y},{z},N{k}\n" for k in range(6))
+    (inputs / "seeds.csv").write_text("x,y,z,label\n" + rows)
+    argv = ["--input", str(inputs), "--output", str(tmp_path / "out"), "--model", str(bundle)]
+
+    assert main([*argv, "--max-seeds", "5"]) == EXIT_INPUT
+    assert "gives 6 usable seeds, more than the 5 analysed per series" in capsys.readouterr().err
+    assert main([*argv, "--max-seeds", "6"]) == 0
+
+
+def test_nodules_in_several_chunks_give_the_results_of_one_batch(
+    study: Path, bundle: Path, ct_info: CTSeriesInfo, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    models = BundleModels.load(bundle)
+    volume = LoadCT()(str(study / "ct"))
+    centre = scan_centre_lps(ct_info)
+    seeds = [NoduleSeed(tuple(centre + (4.0 * k, 0.0, 0.0)), f"N{k}", "test") for k in range(5)]
+    whole = inference.analyse_nodules(volume, seeds, models)
+    monkeypatch.setattr(inference, "INFERENCE_CHUNK", 2)
+    chunked = inference.analyse_nodules(volume, seeds, models)
+    assert [r.seed.label for r in chunked] == [s.label for s in seeds]
+    for one, other in zip(whole, chunked, strict=True):
+        assert one.malignancy == pytest.approx(other.malignancy, abs=1e-6)
+        np.testing.assert_allclose(one.attention, other.attention, atol=1e-6)
+        np.testing.assert_array_equal(one.planes, other.planes)
