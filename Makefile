@@ -32,7 +32,7 @@ help:  ## list the targets
 	@echo "Variables: PYTHON=$(PYTHON)  PYTEST_ARGS='-k name'  CI=true (missing tools fail)"
 
 # One pip command for everything: torch and torchvision must resolve together with the rest,
-# or pip pulls a second torch (see DESIGN.md, environment facts).
+# or pip pulls a second torch (see docs/architecture.md, "Environment").
 $(STAMP): requirements.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --upgrade pip

@@ -11,8 +11,8 @@ import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BUNDLE_ROOT = REPO_ROOT / "bundle"
-SHARED = REPO_ROOT.parent / "shared"
-FIXTURES = SHARED / "fixtures"
+#: Test data kept in the repository (see tests/data/README.md); tests read nothing outside it.
+TEST_DATA = REPO_ROOT / "tests" / "data"
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 if str(BUNDLE_ROOT) not in sys.path:

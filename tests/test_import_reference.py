@@ -1,7 +1,7 @@
 """Importing the authors' checkpoints: the paper's forward pass, strictness, LoRA merge rule, layout.
 
 State dicts are random but in exactly the authors' layout (key names, order, extras) read from
-REFERENCE_CHECKPOINT.json, shrunk to the tiny open_clip geometry of the bundle's test config. The
+tests/data/reference_checkpoint.json, shrunk to the tiny open_clip geometry of the bundle's test config. The
 imported model is compared with the paper's forward pass written here with plain torch ops.
 """
 
@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from monai.bundle import ConfigParser
 
-from conftest import BUNDLE_ROOT, SHARED
+from conftest import BUNDLE_ROOT, TEST_DATA
 from scripts.errors import UserInputError
 from scripts.export import load_checkpoint, load_predictor
 from scripts.network import SemanticCLIP
@@ -32,7 +32,8 @@ from training.import_reference import (
     reference_model_name,
 )
 
-REFERENCE = json.loads((SHARED / "REFERENCE_CHECKPOINT.json").read_text(encoding="utf-8"))
+#: The authors' state-dict layout (key names, shapes, args.txt examples), see tests/data/README.md.
+REFERENCE = json.loads((TEST_DATA / "reference_checkpoint.json").read_text(encoding="utf-8"))
 TINY_CONFIG = json.loads(
     (BUNDLE_ROOT / "configs" / "clip" / "lnsc-tiny-vit.json").read_text(encoding="utf-8")
 )
@@ -390,7 +391,7 @@ def test_lora_merge_note_is_logged_once(tmp_path: Path, model_config_dir: Path, 
     with caplog.at_level("INFO", logger="training.import_reference"):
         import_reference(ckpt, tmp_path / "out", model_name=TINY_QUICKGELU, model_config_dir=model_config_dir)
     notes = [r for r in caplog.records if "not added a second time" in r.getMessage()]
-    assert len(notes) == 1 and "PAPER_FACTS" in notes[0].getMessage()
+    assert len(notes) == 1 and "docs/method.md" in notes[0].getMessage()
 
 
 # ---------------------------------------------------------------- tests: the real ViT-B/32 layout

@@ -43,7 +43,7 @@ from scripts.transforms import (
 # the slow definition: the authors' construction (rotate the windowed cube, slice, zoom)
 # ---------------------------------------------------------------------------------------------
 
-#: (rotation axes or None, slice axis) per plane, as in the table of PAPER_FACTS.
+#: (rotation axes or None, slice axis) per plane, as in the table of docs/method.md.
 CONSTRUCTION = (
     (None, 0),
     (None, 1),

@@ -1,30 +1,22 @@
-"""The vocabulary table matches SEMANTIC_SCHEMA.md, parses CSV cells and has well-formed codes."""
+"""The vocabulary table matches the schema data (tests/data/semantic_schema.json), parses CSV cells
+and has well-formed codes."""
 
 from __future__ import annotations
 
+import json
 import math
 import re
-from pathlib import Path
 
 import pytest
 
+from conftest import TEST_DATA
 from scripts import vocabulary as vocab
 from scripts.errors import UserInputError
 
-SCHEMA = Path(__file__).resolve().parents[2] / "shared" / "SEMANTIC_SCHEMA.md"
-
-
-def _schema_features() -> dict[str, tuple[str, ...]]:
-    """Parse the '17 UCLA semantic features' table of the shared schema."""
-    text = SCHEMA.read_text(encoding="utf-8")
-    section = text.split("## The 17 UCLA semantic features", 1)[1].split("\n## ", 1)[0]
-    features: dict[str, tuple[str, ...]] = {}
-    for match in re.finditer(r"^\|\s*`([^`]+)`\s*\|\s*([^|]+?)\s*\|\s*$", section, re.MULTILINE):
-        features[match.group(1)] = tuple(v.strip() for v in match.group(2).split(","))
-    return features
-
-
-SCHEMA_FEATURES = _schema_features()
+#: The cohort CSV columns and the 17 features with their values, kept as data apart from the code
+#: (docs/semantic_schema.md is the readable version).
+SCHEMA = json.loads((TEST_DATA / "semantic_schema.json").read_text(encoding="utf-8"))
+SCHEMA_FEATURES: dict[str, tuple[str, ...]] = {f["column"]: tuple(f["values"]) for f in SCHEMA["features"]}
 
 
 def test_schema_table_parsed() -> None:
@@ -157,8 +149,22 @@ def test_size_and_suspicion_columns() -> None:
         "mean_diameter",
         "psn_longest_diameter_solid_component",
     )
-    assert vocab.SUSPICION_COLUMN == "level_of_suspicion_of_lung_cancer"
+    assert tuple(SCHEMA["size_columns"]) == vocab.SIZE_COLUMNS
+    assert vocab.SUSPICION_COLUMN == "level_of_suspicion_of_lung_cancer" == SCHEMA["suspicion_column"]
     assert vocab.COLUMN_ALIASES["cyst_like_spaces"] == "cyst-like_spaces"
+
+
+@pytest.mark.parametrize("legacy", sorted(SCHEMA["legacy_spellings"]["columns"]))
+def test_legacy_column_spellings_are_accepted(legacy: str) -> None:
+    assert vocab.COLUMN_ALIASES[legacy] == SCHEMA["legacy_spellings"]["columns"][legacy]
+
+
+@pytest.mark.parametrize("legacy", sorted(SCHEMA["legacy_spellings"]["values"]))
+def test_legacy_value_spellings_are_accepted(legacy: str) -> None:
+    canonical = SCHEMA["legacy_spellings"]["values"][legacy]
+    for feature in vocab.FEATURES:
+        if canonical in feature.value_names():
+            assert feature.parse(legacy, where="t.csv: line 2") == canonical, feature.column
 
 
 def test_value_lookup() -> None:

@@ -15,7 +15,7 @@ Both variants of the authors' code are supported: full fine-tuning (``tuning='ft
 and ``proj`` linears with ``w_lora_A``/``w_lora_B``). A LoRA checkpoint is saved after ``eval()``,
 which merges the update into the q/k/v weights, so the saved q/k/v weights *are* the weights as
 trained and the stored LoRA matrices are ignored (adding them again would double-count the update;
-see PAPER_FACTS.md, "The authors' released checkpoints").
+see docs/method.md, "The authors' released checkpoints").
 
 Loading is strict: every key of the network must come from the file and every key of the file must
 be used (or be a known extra), with matching shapes; otherwise one message names the file, the
@@ -73,7 +73,7 @@ MERGED_LORA_NOTE = (
     "weights, so the saved q/k/v weights are the weights as trained; the stored w_lora_A/w_lora_B "
     "matrices were ignored, not added a second time. (The authors' evaluate.py adds them again for "
     "fold 0 only, so its raw_0 column differs from the model as trained; fold 0 here is the model as "
-    "trained. See PAPER_FACTS.md, 'The authors' released checkpoints'.)"
+    "trained. See docs/method.md, 'The authors' released checkpoints'.)"
 )
 
 _PREFIX_TO_SOURCE = (("clip.visual.", "vision_model."), ("clip.", ""))

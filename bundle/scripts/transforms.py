@@ -10,7 +10,7 @@ Inference chain (one nodule)::
 - :class:`SeedROICrop` samples the paper's 100 mm cube at 1 mm around a world LPS seed, trilinear,
   air (-1000 HU) outside the scan. Only the voxels under the cube are read. The cube is indexed
   ``(z, y, x) = (superior, posterior, left)`` with the seed at index 50 on every axis: the
-  authors' convention (see PAPER_FACTS, "Exact plane geometry").
+  authors' convention (see docs/method.md, "Plane geometry").
 - :class:`NinePlanes` windows the cube to [0, 1] (as the authors do before rotating) and samples
   the nine 50 x 50 mm planes at 1 mm directly through the seed (no rotation of the volume), then
   upsamples each to 224 x 224 with corner-aligned bilinear interpolation (scipy ``zoom(order=1)``).
@@ -92,7 +92,7 @@ CLIP_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
 
 _S2 = 1.0 / math.sqrt(2.0)
 #: Row and column unit vectors of the nine planes in ROI array axes (z, y, x) = (S, P, L), in the
-#: order of the table in PAPER_FACTS ("Exact plane geometry").
+#: order of the table in docs/method.md ("Plane geometry").
 PLANE_DIRECTIONS: tuple[tuple[tuple[float, float, float], tuple[float, float, float]], ...] = (
     ((0.0, 1.0, 0.0), (0.0, 0.0, 1.0)),  # 1 axial: rows y, columns x
     ((1.0, 0.0, 0.0), (0.0, 0.0, 1.0)),  # 2 coronal: rows z, columns x
@@ -589,7 +589,7 @@ def _plane_grid(
 class NinePlanes(Transform):
     """The paper's nine planes through the seed, windowed to [0, 1] and upsampled.
 
-    Plane ``p`` (order and in-plane orientation of PAPER_FACTS, see :data:`PLANE_DIRECTIONS`) has
+    Plane ``p`` (order and in-plane orientation of docs/method.md, see :data:`PLANE_DIRECTIONS`) has
     ``plane[i, j] = window(roi)(C + (i - P/2) r_p + (j - P/2) c_p)`` with ``C`` the ROI centre index
     (50), ``P`` = ``plane_size``, trilinear, 0 outside; then corner-aligned bilinear resizing to
     ``out_size``. The window is applied before sampling, as the authors window the crop before
@@ -1066,6 +1066,23 @@ def nine_planes_for_seeds(
 ) -> torch.Tensor:
     """Model input for several nodules of one loaded volume: crop, nine planes, CLIP normalisation.
 
+    The same arguments, returns and errors as :func:`windowed_planes_for_seeds`, normalised with
+    :class:`CLIPNormalize`.
+    """
+    planes = windowed_planes_for_seeds(volume, seeds_lps, pid=pid, nodule_ids=nodule_ids, pad_value=pad_value)
+    return CLIPNormalize()(planes) if len(planes) else planes
+
+
+def windowed_planes_for_seeds(
+    volume: MetaTensor,
+    seeds_lps: Sequence[Sequence[float]],
+    *,
+    pid: Any = None,
+    nodule_ids: Sequence[Any] | None = None,
+    pad_value: float = -1000.0,
+) -> torch.Tensor:
+    """The nine windowed planes in [0, 1] of several nodules of one loaded volume (crop, planes).
+
     Args:
         volume: (1, X, Y, Z) HU MetaTensor from :class:`LoadCT`.
         seeds_lps: N world LPS seeds in mm.
@@ -1081,7 +1098,6 @@ def nine_planes_for_seeds(
     """
     crop = SeedROICrop(pad_value=pad_value)
     planes = NinePlanes()
-    normalize = CLIPNormalize()
     ids = list(nodule_ids) if nodule_ids is not None else list(range(len(seeds_lps)))
     if len(ids) != len(seeds_lps):
         raise ValueError(f"{len(seeds_lps)} seeds but {len(ids)} nodule ids")
@@ -1090,4 +1106,4 @@ def nine_planes_for_seeds(
     out = [
         planes(crop(volume, seed, pid=pid, nodule_id=nid)) for seed, nid in zip(seeds_lps, ids, strict=True)
     ]
-    return normalize(torch.stack(out))
+    return torch.stack(out)

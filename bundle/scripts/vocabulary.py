@@ -133,7 +133,7 @@ class SemanticFeature:
     """A semantic feature: one CSV column with a closed set of values.
 
     Attributes:
-        column: CSV column, exactly as in ``SEMANTIC_SCHEMA.md``.
+        column: CSV column, exactly as in ``docs/semantic_schema.md``.
         title: Human-readable title, e.g. ``"Nodule margins"``.
         code: Concept name code for the SR.
         values: Allowed values, in schema order.
@@ -514,7 +514,7 @@ FEATURES: tuple[SemanticFeature, ...] = (
         "The nodule has no adjacent paracicatricial emphysema.",
     ),
 )
-"""All 17 features, in ``SEMANTIC_SCHEMA.md`` order."""
+"""All 17 features, in the order of ``docs/semantic_schema.md``."""
 
 FEATURE_BY_COLUMN: dict[str, SemanticFeature] = {feature.column: feature for feature in FEATURES}
 """Feature of each canonical CSV column."""
