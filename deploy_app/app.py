@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import tempfile
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -31,6 +32,7 @@ from deploy_app.operators import (
     SeriesVolumesOperator,
 )
 from deploy_app.report import DEFAULT_WRITERS, ReportWriter
+from deploy_app.result_folders import recover_interrupted
 from deploy_app.seeds import DEFAULT_SOURCES, MAX_SEEDS_PER_SERIES, SeedSource
 from scripts.errors import UserInputError
 
@@ -162,7 +164,8 @@ def process_folder(
 
     Args:
         input_dir: DICOM files of one or more studies, plus seeds.
-        output_dir: created if needed; one sub-folder per analysed series.
+        output_dir: created if needed; one sub-folder per analysed series (replaced when the series is
+            analysed again; what an interrupted run left there is tidied up first).
         model_dir: the bundle folder (ignored when ``models`` is given).
         models: an already loaded bundle (the PACS listener keeps one).
         seed_sources: seed sources in order of precedence.
@@ -175,9 +178,13 @@ def process_folder(
     Raises:
         UserInputError: the input, output or model folder is unusable.
     """
+    started = time.time()
     input_dir, output_dir = Path(input_dir), Path(output_dir)
     check_input_folder(input_dir)
     check_output_folder(output_dir)
+    # A run killed while writing left hidden staging folders (or results renamed aside); this run's
+    # own appear after `started`. Two runs must not write into one output folder at the same time.
+    recover_interrupted(output_dir, started_before=started)
     if models is None:
         if model_dir is None:
             raise ValueError("give model_dir or models")

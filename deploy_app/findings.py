@@ -70,6 +70,16 @@ class NoduleResult:
     attention: tuple[float, ...]
     planes: np.ndarray | None = field(default=None, repr=False, compare=False)
 
+    def __post_init__(self) -> None:
+        probabilities = [
+            ("malignancy", self.malignancy),
+            *((f"fold {k} malignancy", p) for k, p in enumerate(self.malignancy_per_fold)),
+            *((f"{column} = {value}", p) for column, v in self.semantic.items() for value, p in v.items()),
+        ]
+        for name, probability in probabilities:
+            if not 0.0 <= probability <= 1.0:  # also False for NaN
+                raise ValueError(f"{self.seed.label}: {name} probability {probability} is not in [0, 1]")
+
     def predicted_value(self, column: str) -> tuple[str, float]:
         """The most probable value of a feature and its probability."""
         values = self.semantic[column]

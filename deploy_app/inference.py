@@ -21,10 +21,17 @@ from monai.data import MetaTensor
 
 from deploy_app.findings import ModelInfo, NoduleResult, NoduleSeed
 from scripts.deployed import DeployedBundle, select_device
+from scripts.errors import UserInputError
 from scripts.export import weight_bytes
 from scripts.transforms import CLIPNormalize, windowed_planes_for_seeds
 
-__all__ = ["BundleModels", "analyse_nodules", "select_device", "use_simple_torchscript_executor"]
+__all__ = [
+    "BundleModels",
+    "analyse_nodules",
+    "check_finite_outputs",
+    "select_device",
+    "use_simple_torchscript_executor",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -115,6 +122,24 @@ class BundleModels:
         return grouped
 
 
+def check_finite_outputs(outputs: dict[str, np.ndarray], seeds: Sequence[NoduleSeed]) -> None:
+    """Refuse NaN or infinite model outputs, which no report may carry as a probability.
+
+    Raises:
+        UserInputError: naming the nodules; the planes are finite (the HU checks come first), so the
+            bundle's weights are the likely cause.
+    """
+    finite = np.isfinite(outputs["malignancy"]) & np.isfinite(outputs["malignancy_per_fold"]).all(axis=0)
+    finite &= np.isfinite(outputs["semantic"]).all(axis=1)
+    if not finite.all():
+        labels = ", ".join(seed.label for seed, ok in zip(seeds, finite, strict=True) if not ok)
+        raise UserInputError(
+            f"the model gave a non-finite (NaN or infinite) probability for {labels}; nothing was "
+            "written for this series. The bundle's weights are probably damaged: export or copy the "
+            "bundle again"
+        )
+
+
 def analyse_nodules(
     volume: MetaTensor, seeds: Sequence[NoduleSeed], models: BundleModels
 ) -> list[NoduleResult]:
@@ -140,6 +165,7 @@ def analyse_nodules(
             volume, [seed.position_lps for seed in chunk], nodule_ids=[seed.label for seed in chunk]
         )
         outputs = models.predict(CLIPNormalize()(planes))
+        check_finite_outputs(outputs, chunk)
         planes_01 = planes.float().cpu().numpy()
         results.extend(
             NoduleResult(

@@ -8,10 +8,9 @@ bug and propagates.
 
 from __future__ import annotations
 
+import errno
 import logging
-import os
 import shutil
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +22,7 @@ from monai.deploy.operators import DICOMSeriesToVolumeOperator
 from deploy_app.findings import SeriesResult, SkippedSeed
 from deploy_app.inference import BundleModels, analyse_nodules
 from deploy_app.report import DEFAULT_WRITERS, ReportInput, ReportWriter
+from deploy_app.result_folders import new_staging_folder, place_results
 from deploy_app.seeds import DEFAULT_SOURCES, MAX_SEEDS_PER_SERIES, CTSeriesInfo, SeedSource, find_seeds
 from deploy_app.uids import check_uid, path_inside
 from deploy_app.volume import (
@@ -34,6 +34,7 @@ from deploy_app.volume import (
     check_rescale,
     check_series_geometry,
     describe_series,
+    is_localizer,
     rescale_to_hu,
     stored_values_releasing_pixel_data,
     to_meta_tensor,
@@ -103,24 +104,44 @@ class SeriesVolumesOperator(DICOMSeriesToVolumeOperator):
     def compute(self, op_input, op_output, context) -> None:
         selected = op_input.receive(self.input_name_series) or []
         volumes: list[SeriesVolume | SeriesFailure] = []
+        localizers = 0
         for study_selection in selected:
             for selected_series in study_selection.selected_series:
-                volumes.append(self.series_volume(selected_series.series, selected_series.selection_name))
+                volume = self.series_volume(selected_series.series, selected_series.selection_name)
+                if volume is None:
+                    localizers += 1
+                else:
+                    volumes.append(volume)
         if not volumes:
+            found = f" ({localizers} localizer series only)" if localizers else ""
             volumes.append(
                 SeriesFailure(
                     "input",
-                    "no CT series in the input folder (a series needs Modality CT, pixel data and a "
-                    "StudyInstanceUID and SeriesInstanceUID; the loader drops instances without them)",
+                    f"no CT series in the input folder{found} (a series needs Modality CT, pixel data "
+                    "and a StudyInstanceUID and SeriesInstanceUID; the loader drops instances without them)",
                 )
             )
         op_output.emit(volumes, "series_volumes")
 
-    def series_volume(self, series, selection: str) -> SeriesVolume | SeriesFailure:
-        """Check one SDK DICOMSeries and convert it to the bundle's volume layout."""
+    def series_volume(self, series, selection: str) -> SeriesVolume | SeriesFailure | None:
+        """Check one SDK DICOMSeries and convert it to the bundle's volume layout.
+
+        Localizer images (topograms, ImageType LOCALIZER) are no part of a volume: a series of
+        localizers only is skipped (None), and localizers inside a series are left out; both are
+        logged.
+        """
         instances = series.get_sop_instances()
         headers = [instance.get_native_sop_instance() for instance in instances]
         name = describe_series(headers[0]) if headers else f"series {series.SeriesInstanceUID}"
+        scouts = [is_localizer(header) for header in headers]
+        if headers and all(scouts):
+            logger.info("%s: a localizer (ImageType LOCALIZER, %d image(s)), skipped", name, len(headers))
+            return None
+        if any(scouts):
+            logger.info("%s: %d localizer image(s) (ImageType LOCALIZER) left out", name, sum(scouts))
+            # The SDK returns its own list: filtering it in place keeps the SDK's later steps in step.
+            instances[:] = [instance for instance, scout in zip(instances, scouts, strict=True) if not scout]
+            headers = [header for header, scout in zip(headers, scouts, strict=True) if not scout]
         try:
             geometry = check_series_geometry(headers, min_slices=self.min_slices)
             self.prepare_series(series)
@@ -175,6 +196,8 @@ class SeriesVolumesOperator(DICOMSeriesToVolumeOperator):
             raise _undecodable(name, error.dataset, error.__cause__) from error.__cause__
         except Exception as error:
             for dataset in geometry.datasets:
+                if "PixelData" not in dataset:
+                    continue  # decoded (and released) before the failure: not the culprit
                 try:
                     dataset.pixel_array  # noqa: B018 - decoding is the check
                 except Exception as slice_error:
@@ -283,17 +306,23 @@ class SemanticCLIPInferenceOperator(Operator):
         op_output.emit(analysed, "series_results")
 
 
-def _staging(output_folder: Path, name: str) -> Path:
-    output_folder.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(dir=output_folder, prefix=f".{name}.", suffix=".tmp"))
+def _write_failure(description: str, folder: Path, error: OSError) -> SeriesFailure:
+    """A file-system error while writing results, as the series' failure (disk full, permissions)."""
+    where = error.filename or folder
+    hint = "free some space" if error.errno == errno.ENOSPC else "check the output folder"
+    message = f"the results could not be written to '{where}' ({error.strerror or error}); {hint} and rerun"
+    logger.error("%s: %s", description, message)
+    return SeriesFailure(series=description, message=message)
 
 
 class ReportWritersOperator(Operator):
     """Run the report writers of each series into ``output_folder/<SeriesInstanceUID>/``, all or nothing.
 
     Named input ``series_results``; the outcome is recorded in ``outcome``. The writers write into
-    one staging folder per series, which is moved into place when all of them succeeded; when one
-    raises, the staging folder is removed and the error propagates (with a note naming the writer).
+    one staging folder per series, which replaces earlier results only when all of them succeeded
+    (:mod:`deploy_app.result_folders`). A file-system error (disk full, permissions) fails that
+    series with a message; any other error from a writer is a bug, and propagates with a note naming
+    the writer. Either way the staging folder is removed.
 
     Args:
         output_folder: where results go.
@@ -325,7 +354,12 @@ class ReportWritersOperator(Operator):
                 self.outcome.failures.append(item)
                 continue
             uid = str(item.series.geometry.datasets[0].SeriesInstanceUID)
-            self.outcome.written[uid] = self.write_series(item)
+            try:
+                self.outcome.written[uid] = self.write_series(item)
+            except OSError as error:
+                failure = _write_failure(item.series.description, self.output_folder, error)
+                self.outcome.failures.append(failure)
+                continue
             self.outcome.results[uid] = item.result
 
     def write_series(self, item: SeriesAnalysed) -> list[Path]:
@@ -334,7 +368,7 @@ class ReportWritersOperator(Operator):
         reference = datasets[0]
         uid = check_uid(reference.get("SeriesInstanceUID"), "SeriesInstanceUID", item.series.description)
         target = path_inside(self.output_folder, uid)
-        staging = _staging(self.output_folder, uid)
+        staging = new_staging_folder(self.output_folder, uid)
         try:
             report = ReportInput(ct_datasets=datasets, result=item.result)
             for writer in self.writers:
@@ -343,9 +377,7 @@ class ReportWritersOperator(Operator):
                 except Exception as error:
                     error.add_note(f"{item.series.description}: report writer '{writer.name}' failed")
                     raise
-            if target.exists():
-                shutil.rmtree(target)
-            os.replace(staging, target)
+            place_results(staging, target)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise

@@ -22,6 +22,9 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from deploy_app.uids import PATH_UID_KEYWORDS, check_uid, is_valid_uid, shown_value
 from scripts.errors import UserInputError
 
+#: Enhanced CT and Legacy Converted Enhanced CT Image Storage: one instance holds every frame.
+MULTI_FRAME_CT_CLASSES = frozenset({"1.2.840.10008.5.1.4.1.1.2.1", "1.2.840.10008.5.1.4.1.1.2.2"})
+
 #: Largest angle (degrees) between the slice normal and the patient's z axis for an "axial" series.
 MAX_AXIAL_TILT_DEG = 10.0
 #: Relative tolerance on slice spacing before a series counts as unevenly spaced.
@@ -155,6 +158,30 @@ def check_plausible_hu(voxels: np.ndarray, who: str) -> None:
         )
 
 
+def is_localizer(dataset: pydicom.Dataset) -> bool:
+    """Whether an image is a localizer (topogram, scout): ImageType holds ``LOCALIZER``."""
+    image_type = dataset.get("ImageType")
+    values = [image_type] if isinstance(image_type, str) else list(image_type or ())
+    return any(str(value).strip().upper() == "LOCALIZER" for value in values)
+
+
+def _frame_count(dataset: pydicom.Dataset) -> int:
+    try:
+        return int(dataset.get("NumberOfFrames") or 1)
+    except (TypeError, ValueError):
+        return 1  # unreadable: leave it to the pixel decoder, which names the instance
+
+
+def _check_single_frame(dataset: pydicom.Dataset, who: str) -> None:
+    frames = _frame_count(dataset)
+    if frames > 1 or dataset.get("SOPClassUID") in MULTI_FRAME_CT_CLASSES:
+        raise UserInputError(
+            f"{_instance(who, dataset)} is a multi-frame (Enhanced) CT image with {frames} frame(s) "
+            "(NumberOfFrames); multi-frame CT is not supported: export the series as single-frame "
+            "CT Image Storage slices"
+        )
+
+
 def check_series_geometry(datasets: Sequence[pydicom.Dataset], *, min_slices: int = 16) -> SeriesGeometry:
     """Check a CT series' slice headers and return its voxel grid.
 
@@ -166,17 +193,18 @@ def check_series_geometry(datasets: Sequence[pydicom.Dataset], *, min_slices: in
         the geometry, slices sorted along the slice normal.
 
     Raises:
-        UserInputError: a Study, Series or SOP Instance UID that is not a valid UID (they name
-            output folders) or a SOP Instance UID used twice, an orientation that is not two
-            orthogonal unit vectors, a pixel spacing that is not positive, an impossible rescale,
-            not axial, too few slices, duplicate or missing slices, uneven spacing, or inconsistent
-            orientation, pixel spacing or matrix size across slices.
+        UserInputError: a multi-frame image, a Study, Series or SOP Instance UID that is not a
+            valid UID (they name output folders) or a SOP Instance UID used twice, an orientation
+            that is not two orthogonal unit vectors, a pixel spacing that is not positive, an
+            impossible rescale, not axial, too few slices, duplicate or missing slices, uneven
+            spacing, or inconsistent orientation, pixel spacing or matrix size across slices.
     """
     if not datasets:
         raise UserInputError("the CT series has no slices")
     who = describe_series(datasets[0])
     first_holder: dict[str, pydicom.Dataset] = {}
     for dataset in datasets:
+        _check_single_frame(dataset, who)
         for keyword in PATH_UID_KEYWORDS:
             check_uid(dataset.get(keyword), keyword, _instance(who, dataset))
         check_rescale(dataset, who)
@@ -315,10 +343,12 @@ def stored_values_releasing_pixel_data(datasets: Sequence[pydicom.Dataset]) -> n
             pixels = _native_pixels(dataset)
             if pixels is None:
                 pixels = pixel_array(dataset)  # not Dataset.pixel_array, which keeps a decoded copy
+            if stored is None:
+                stored = np.empty((len(datasets), *pixels.shape), dtype=pixels.dtype)
+            if pixels.shape != stored.shape[1:]:
+                raise ValueError(f"it decodes to {pixels.shape} pixels, the first slice {stored.shape[1:]}")
         except Exception as error:
             raise UndecodableSlice(dataset) from error
-        if stored is None:
-            stored = np.empty((len(datasets), *pixels.shape), dtype=pixels.dtype)
         stored[index] = pixels
         del dataset.PixelData
     return stored

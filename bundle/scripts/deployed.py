@@ -37,6 +37,7 @@ __all__ = [
     "FoldEnsemble",
     "bundle_calibrators",
     "check_calibration",
+    "locate_models",
     "read_bundle_identity",
     "select_device",
 ]
@@ -45,9 +46,6 @@ logger = logging.getLogger(__name__)
 
 METADATA_FILE = Path("configs") / "metadata.json"
 """The bundle's identity (``name``, ``version``), relative to the bundle folder."""
-
-CALIBRATION_PATH = Path("models") / CALIBRATION_FILE
-"""The per-fold calibration maps, relative to the bundle folder."""
 
 
 def select_device(requested: str | torch.device | None = None) -> torch.device:
@@ -93,13 +91,36 @@ def read_bundle_identity(bundle_dir: str | Path, *, required: bool = True) -> Bu
         return UNKNOWN_IDENTITY
 
 
+def locate_models(path: str | Path) -> tuple[Path, Path]:
+    """The bundle folder and its models folder, for a bundle or for a model set inside one.
+
+    A model set is a folder of fold models (and their ``calibration.json``) kept in a bundle's
+    ``models/`` beside others, like the project's ``bundle/models/demo/``: given
+    ``BUNDLE/models/<set>``, the identity comes from ``BUNDLE`` and the models from the set.
+
+    Returns:
+        ``(bundle folder, models folder)``: ``(path, path / "models")`` for a plain bundle.
+    """
+    path = Path(path)
+    bundle = path.parent.parent
+    if (
+        not (path / METADATA_FILE).is_file()
+        and path.parent.name == "models"
+        and (bundle / METADATA_FILE).is_file()
+    ):
+        return bundle, path
+    return path, path / "models"
+
+
 def bundle_calibrators(bundle_dir: str | Path) -> dict[int, BetaCalibration] | None:
     """The per-fold calibration maps of ``BUNDLE/models/calibration.json``, ``None`` without the file.
+
+    ``bundle_dir`` may be a model set inside a bundle (see :func:`locate_models`).
 
     Raises:
         UserInputError: the file exists but is not a valid calibration file.
     """
-    path = Path(bundle_dir) / CALIBRATION_PATH
+    path = locate_models(bundle_dir)[1] / CALIBRATION_FILE
     return load_calibration(path) if path.is_file() else None
 
 
@@ -258,7 +279,7 @@ class DeployedBundle:
         against the folds) is checked before any model is loaded.
 
         Args:
-            path: the bundle folder.
+            path: the bundle folder, or a model set inside one (see :func:`locate_models`).
             device: torch device (default: :func:`select_device`).
             require_identity: see :func:`read_bundle_identity`.
 
@@ -266,13 +287,13 @@ class DeployedBundle:
             UserInputError: the identity is missing (when required), the bundle holds no exported model,
                 the calibration file is invalid or does not match the folds, or a model cannot be loaded.
         """
-        path = Path(path)
-        identity = read_bundle_identity(path, required=require_identity)
-        model_paths = exported_models(path)
+        bundle, models = locate_models(path)
+        identity = read_bundle_identity(bundle, required=require_identity)
+        model_paths = exported_models(bundle, models)
         calibrators = bundle_calibrators(path)
         if calibrators is not None:
-            check_calibration(calibrators, tuple(model_paths), path / CALIBRATION_PATH)
-        return cls(path, identity, FoldEnsemble.load(model_paths, device, calibrators))
+            check_calibration(calibrators, tuple(model_paths), models / CALIBRATION_FILE)
+        return cls(Path(path), identity, FoldEnsemble.load(model_paths, device, calibrators))
 
     @property
     def untrained_demo(self) -> bool:

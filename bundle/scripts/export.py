@@ -274,11 +274,16 @@ def build_predictor(
 _FOLD_DIR = re.compile(r"fold_(\d+)$")
 
 
-def exported_models(bundle_dir: str | Path) -> dict[int, Path]:
+def exported_models(bundle_dir: str | Path, models_dir: str | Path | None = None) -> dict[int, Path]:
     """The exported predictor of every fold of a deployable bundle, by fold index.
 
     A bundle holds ``models/fold_<k>/model.ts`` per cross-validation fold, or one ``models/model.ts``
     (returned as fold 0); when fold models exist, ``models/model.ts`` is ignored (with a warning).
+
+    Args:
+        bundle_dir: the bundle folder.
+        models_dir: where the models are (default ``bundle_dir/models``), e.g. a model set such as
+            ``models/demo/`` inside the bundle.
 
     Raises:
         UserInputError: the folder does not exist or holds no exported model.
@@ -286,7 +291,7 @@ def exported_models(bundle_dir: str | Path) -> dict[int, Path]:
     bundle_dir = Path(bundle_dir)
     if not bundle_dir.is_dir():
         raise UserInputError(f"bundle folder '{bundle_dir}' does not exist or is not a folder")
-    models = bundle_dir / "models"
+    models = Path(models_dir) if models_dir is not None else bundle_dir / "models"
     folds = {
         int(match.group(1)): folder / "model.ts"
         for folder in (models.iterdir() if models.is_dir() else ())
@@ -299,6 +304,7 @@ def exported_models(bundle_dir: str | Path) -> dict[int, Path]:
     if (models / "model.ts").is_file():
         return {0: models / "model.ts"}
     raise UserInputError(
-        f"bundle '{bundle_dir}' has no exported model: expected models/fold_<k>/model.ts for each fold or "
-        "models/model.ts (export one with the bundle's 'export' workflow)"
+        f"bundle '{bundle_dir}' has no exported model: expected {models}/fold_<k>/model.ts for each fold or "
+        f"{models}/model.ts (export one with the bundle's 'export' workflow, or give a model set inside "
+        "the bundle, such as bundle/models/demo)"
     )
