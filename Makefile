@@ -24,7 +24,7 @@ TOOLS := dciodvfy dsrdump storescu Orthanc ip
 # CI=true (or 1/yes): a missing tool or an unusable network namespace is an error, not a warning.
 STRICT := $(filter true 1 yes TRUE True YES,$(CI))
 
-.PHONY: help venv tools test demo bench lint clean distclean
+.PHONY: help venv tools test test-slow pytest-offline demo bench lint clean distclean
 
 help:  ## list the targets
 	@echo "Targets:"
@@ -69,12 +69,18 @@ tools:  ## install the Debian test tools when root and missing (dicom3tools dcmt
 	if [ -n "$$still" ]; then echo "error: still missing after apt-get install:$$still" >&2; exit 1; fi; \
 	echo "test tools installed; the orthanc system service is stopped and disabled"
 
+test: $(STAMP) tools  ## lint, then the fast suite offline in a private network namespace (PYTEST_ARGS=...)
+	$(RUFF) check .
+	@$(MAKE) --no-print-directory pytest-offline MARKERS='not slow'
+
+test-slow: $(STAMP) tools  ## the slow end-to-end tests (training, demo, Orthanc, standalone copy); CI runs them too
+	@$(MAKE) --no-print-directory pytest-offline MARKERS='slow'
+
 # pytest runs in a private network namespace (unshare -rn): nothing it starts (Orthanc, DICOM
 # listeners) is reachable from outside, and no test can reach the network. LNSC_PRIVATE_NETNS=1
 # tells the tests that they are isolated.
-test: $(STAMP) tools  ## lint, then run pytest offline in a private network namespace (PYTEST_ARGS=...)
-	$(RUFF) check .
-	@run='HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests $(PYTEST_ARGS)'; \
+pytest-offline:
+	@run="HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests -m '$(MARKERS)' $(PYTEST_ARGS)"; \
 	if unshare -rn ip link set lo up >/dev/null 2>&1; then \
 		echo "+ unshare -rn sh -c 'ip link set lo up && LNSC_PRIVATE_NETNS=1 $$run'"; \
 		unshare -rn sh -c "ip link set lo up && LNSC_PRIVATE_NETNS=1 $$run"; \

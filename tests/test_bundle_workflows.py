@@ -16,8 +16,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+from monai.bundle import ConfigWorkflow
 
 from conftest import BUNDLE_ROOT, REPO_ROOT
+from scripts.errors import find_user_error, user_message
 from scripts.export import build_predictor, load_predictor
 from scripts.network import SemanticCLIP
 from scripts.zero_shot import PromptLayout
@@ -36,18 +38,27 @@ def bundle_command(*args: str, cwd: Path = BUNDLE_ROOT) -> subprocess.CompletedP
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small synthetic cohort CSV with its splits beside it (``splits/``)."""
+    return write_synthetic_cohort(
+        tmp_path_factory.mktemp("cohort") / "data", n_patients=8, nodules_per_patient=2, seed=3
+    )
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory, cohort: Path) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("workflow")
-    csv_path = write_synthetic_cohort(root / "data", n_patients=8, nodules_per_patient=2, seed=3)
+    csv_path = cohort
     run_root = root / "run"
     result = bundle_command(
         "run", "--config_file", "configs/train.json", "--meta_file", "configs/metadata.json",
         "--bundle_root", str(run_root), "--dataset_csv", str(csv_path),
-        "--split_dir", str(root / "data" / "splits"), "--pretrained", "none", "--epochs", "2", *TINY,
+        "--split_dir", str(csv_path.parent / "splits"), "--pretrained", "none", "--epochs", "2", *TINY,
     )  # fmt: skip
     return {"root": run_root, "csv": csv_path, "output": result.stdout + result.stderr}
 
 
+@pytest.mark.slow
 def test_training_runs_two_epochs_and_keeps_both_best_checkpoints(trained: dict) -> None:
     models = trained["root"] / "models"
     assert (models / "best_auroc.pt").is_file()
@@ -61,6 +72,7 @@ def test_training_runs_two_epochs_and_keeps_both_best_checkpoints(trained: dict)
     assert any("lora_A" in k for k in state)  # a single-entry save_dict is saved bare
 
 
+@pytest.mark.slow
 def test_an_interrupted_training_resumes_after_its_last_epoch(trained: dict, tmp_path: Path) -> None:
     run_root = tmp_path / "run"
     shutil.copytree(trained["root"], run_root)
@@ -81,6 +93,7 @@ def test_an_interrupted_training_resumes_after_its_last_epoch(trained: dict, tmp
     assert after["counter"] == (0 if improved else before["counter"] + 1)  # the counter was restored
 
 
+@pytest.mark.slow
 def test_evaluate_writes_metrics(trained: dict) -> None:
     bundle_command(
         "run", "--config_file", "['configs/train.json','configs/evaluate.json']",
@@ -92,6 +105,7 @@ def test_evaluate_writes_metrics(trained: dict) -> None:
         assert name in metrics
 
 
+@pytest.mark.slow
 def test_inference_writes_one_row_per_seed(trained: dict) -> None:
     seeds = pd.read_csv(trained["csv"]).drop(columns=["malignant"])
     seeds_csv = trained["root"] / "seeds.csv"
@@ -113,6 +127,7 @@ def test_inference_writes_one_row_per_seed(trained: dict) -> None:
         assert predictions[columns].sum(axis=1).round(4).eq(1.0).all()
 
 
+@pytest.mark.slow
 def test_export_equals_eager_predictor(trained: dict) -> None:
     bundle_command(
         "run", "export", "--config_file", "configs/inference.json", "--meta_file", "configs/metadata.json",
@@ -135,6 +150,7 @@ def test_export_equals_eager_predictor(trained: dict) -> None:
     assert any(k.endswith("attn.in_proj_weight") for k in keys)
 
 
+@pytest.mark.slow
 def test_verify_net_in_out_passes(trained: dict) -> None:
     bundle_command(
         "verify_net_in_out", "malignancy_net", "--meta_file", "configs/metadata.json",
@@ -142,6 +158,7 @@ def test_verify_net_in_out_passes(trained: dict) -> None:
     )  # fmt: skip
 
 
+@pytest.mark.slow
 def test_multi_gpu_config_trains_with_two_gloo_processes(trained: dict, tmp_path: Path) -> None:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(BUNDLE_ROOT), "OMP_NUM_THREADS": "1"}
     command = [
@@ -183,20 +200,19 @@ def _break_csv(csv_path: Path, target: Path, mistake: str) -> Path:
     return target
 
 
-@pytest.mark.parametrize(
-    ("mistake", "message"),
-    [
-        ("unknown value", "line 3: column 'nodule_margins' has unknown value 'Smoothish'; allowed: Smooth"),
-        ("seed outside", "lies outside the scan"),
-        ("missing image", "no_such_scan.nii.gz"),
-        ("missing column", "coordY"),
-        ("empty", "no rows"),
-    ],
-)
-def test_training_on_bad_input_prints_one_clear_error(
-    trained: dict, tmp_path: Path, mistake: str, message: str
-) -> None:
-    bad_csv = _break_csv(trained["csv"], tmp_path / "cohort.csv", mistake)
+BAD_INPUT = {
+    "unknown value": "line 3: column 'nodule_margins' has unknown value 'Smoothish'; allowed: Smooth",
+    "seed outside": "lies outside the scan",
+    "missing image": "no_such_scan.nii.gz",
+    "missing column": "coordY",
+    "empty": "no rows",
+}
+
+
+@pytest.mark.slow
+def test_training_on_bad_input_prints_one_clear_error(trained: dict, tmp_path: Path) -> None:
+    """The one subprocess case: what ``monai.bundle run`` prints, and its exit code."""
+    bad_csv = _break_csv(trained["csv"], tmp_path / "cohort.csv", "unknown value")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(BUNDLE_ROOT)}
     command = [
         sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/train.json",
@@ -207,5 +223,34 @@ def test_training_on_bad_input_prints_one_clear_error(
     result = subprocess.run(command, cwd=BUNDLE_ROOT, env=env, capture_output=True, text=True)
     assert result.returncode != 0
     assert "Traceback" not in result.stderr + result.stdout
-    assert message in result.stderr
+    assert BAD_INPUT["unknown value"] in result.stderr
+    assert not list((tmp_path / "run").glob("models/*.pt")), "a checkpoint was written from bad input"
+
+
+@pytest.mark.parametrize(("mistake", "message"), list(BAD_INPUT.items()), ids=list(BAD_INPUT))
+def test_training_refuses_bad_input_before_training(
+    cohort: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mistake: str, message: str
+) -> None:
+    """The same train.json in-process (as the model-zoo tests run workflows): the user error comes up."""
+    bad_csv = _break_csv(cohort, tmp_path / "cohort.csv", mistake)
+    monkeypatch.chdir(BUNDLE_ROOT)
+    workflow = ConfigWorkflow(
+        config_file=str(BUNDLE_ROOT / "configs" / "train.json"),
+        meta_file=str(BUNDLE_ROOT / "configs" / "metadata.json"),
+        workflow_type="train",
+        bundle_root=str(tmp_path / "run"),
+        dataset_csv=str(bad_csv),
+        split_dir=str(cohort.parent / "splits"),
+        pretrained="none",
+        epochs=1,
+        model_name="lnsc-tiny-vit",
+        num_workers=0,
+    )
+    with pytest.raises(Exception) as raised:  # noqa: PT011 - MONAI wraps it; the cause is checked
+        workflow.initialize()
+        workflow.run()
+    user_error = find_user_error(raised.value)
+    assert user_error is not None, raised.value
+    assert message in user_message(user_error)
+    assert not list((tmp_path / "run").glob("models/*.pt")), "a checkpoint was written from bad input"
     assert not list((tmp_path / "run").glob("models/*.pt")), "a checkpoint was written from bad input"

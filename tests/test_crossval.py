@@ -41,6 +41,7 @@ def bundle(cohort, tmp_path_factory: pytest.TempPathFactory) -> Path:
         os.chdir(here)
 
 
+@pytest.mark.slow
 def test_bundle_holds_every_fold_calibrated_and_recorded(bundle: Path, cohort) -> None:
     for fold in (0, 1):
         for name in ("model.ts", "best_auroc.pt", "best_loss.pt"):
@@ -56,6 +57,7 @@ def test_bundle_holds_every_fold_calibrated_and_recorded(bundle: Path, cohort) -
     assert models.info.folds == 2 and models.info.calibrated and not models.info.untrained_demo
 
 
+@pytest.mark.slow
 def test_calibration_was_fitted_on_that_folds_validation_predictions(bundle: Path, cohort) -> None:
     from scripts.calibration import fit_beta_calibration
     from scripts.cohort import read_cohort
@@ -81,6 +83,7 @@ def _strings(value: object) -> list[str]:
     return [value] if isinstance(value, str) else []
 
 
+@pytest.mark.slow
 def test_the_shipped_records_hold_no_path_of_the_training_machine(bundle: Path, cohort) -> None:
     models = bundle / "models"
     for name in ("crossval_record.json", "calibration.json"):
@@ -115,6 +118,7 @@ def test_calibration_provenance_with_an_absolute_path_is_refused(tmp_path: Path)
     assert not target.exists()
 
 
+@pytest.mark.slow
 def test_finished_folds_are_kept_and_changed_settings_refused(bundle: Path, cohort, tmp_path: Path) -> None:
     work = bundle.parent / "bundle.work"
     assert (work / "fold_0" / "complete.json").is_file()
@@ -126,6 +130,7 @@ def test_finished_folds_are_kept_and_changed_settings_refused(bundle: Path, coho
     assert not (tmp_path / "other").exists()
 
 
+@pytest.mark.slow
 def test_bad_inputs_are_refused_before_training(bundle: Path, cohort, tmp_path: Path) -> None:
     with pytest.raises(UserInputError, match="already exists"):
         crossval(cohort[0], cohort[1], bundle, overrides=TINY)

@@ -6,10 +6,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from conftest import REPO_ROOT
 from deploy_app.sr import read_measurement_report
 
 
+@pytest.mark.slow
 def test_demo_runs_end_to_end_with_the_committed_demo_model(tmp_path: Path) -> None:
     output = tmp_path / "demo_output"
     result = subprocess.run(

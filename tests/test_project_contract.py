@@ -83,6 +83,7 @@ def test_ci_run_is_executable_and_runs_make_test() -> None:
     assert text.startswith("#!/usr/bin/env bash") or text.startswith("#!/bin/bash")
     assert "set -euo pipefail" in text
     assert re.search(r"^\s*make test\s*$", text, re.M)
+    assert re.search(r"^\s*make test-slow\s*$", text, re.M), "CI runs the slow tests too"
 
 
 def test_ci_run_mode_in_git() -> None:

@@ -91,6 +91,7 @@ def standalone_copy(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return copy
 
 
+@pytest.mark.slow
 def test_the_copy_collects_the_same_tests_without_errors(standalone_copy: Path) -> None:
     in_copy, in_repository = start_collection(standalone_copy), start_collection(REPO_ROOT)
     copy_ids, repository_ids = collected(in_copy, "the copy"), collected(in_repository, "the repository")

@@ -474,10 +474,15 @@ class RunReport:
 
 
 def _worker_pool(workers: int) -> contextlib.AbstractContextManager[Any]:
-    """A process pool for ``workers`` > 1 (forked now, before any progress-bar thread), else none."""
+    """A process pool for ``workers`` > 1, else none.
+
+    Workers start from a fork server (or are spawned), never forked from this process: a fork copies
+    whatever locks other threads hold at that moment (a progress bar, pytest, torch), and a worker
+    forked from a threaded process can hang for ever on one of them.
+    """
     if workers <= 1:
         return contextlib.nullcontext(None)
-    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
     return multiprocessing.get_context(method).Pool(workers)
 
 

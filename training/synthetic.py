@@ -75,13 +75,6 @@ class SyntheticNodule:
         )
 
 
-def phantom_affine(
-    spacing: tuple[float, float, float] = SPACING_MM, origin_lps: Sequence[float] = ORIGIN_LPS
-) -> np.ndarray:
-    """RAS affine of an axial scan (i -> patient left, j -> posterior, k -> superior), as CT loads."""
-    return phantom_geometry(SHAPE, spacing, origin_lps).ras_affine()
-
-
 def phantom_geometry(
     shape: Sequence[int] = SHAPE,
     spacing: Sequence[float] = SPACING_MM,
