@@ -26,28 +26,37 @@ import shutil
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-os.environ.setdefault("HOLOSCAN_LOG_LEVEL", "WARN")
+os.environ.setdefault("HOLOSCAN_LOG_LEVEL", "WARN")  # before holoscan is imported
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np
+import pydicom
+import torch
+from holoscan.core import Application
+from monai.deploy.operators import DICOMDataLoaderOperator, DICOMSeriesSelectorOperator
+
+from benchlib import StageTimes, median_seconds
+from deploy_app.app import SERIES_RULES, process_folder, read_series_rules
+from deploy_app.dicom_io import write_dataset
+from deploy_app.findings import NoduleSeed, SeriesResult
+from deploy_app.inference import BundleModels, analyse_nodules
+from deploy_app.operators import ReportWritersOperator, SeriesAnalysed, SeriesVolumesOperator
+from deploy_app.seeds import CTSeriesInfo, find_seeds
+from deploy_app.sr import build_seed_sr
+from scripts.bundle_files import copy_bundle
+from scripts.export import weight_bytes
+from scripts.memory import peak_resident_bytes
+from scripts.transforms import nine_planes_for_seeds
+from training.demo_bundle import build_untrained_bundle
+from training.dicom_ct import CTGeometry, SyntheticPatient, write_ct_series
+
 BENCH_MODEL = "ViT-B-32-quickgelu"
 
 
 def prepare(work: Path, fold_counts: list[int]) -> None:
     """Write the study and, per fold count, a bundle of that many ViT-B-32 LoRA-like folds."""
-    import numpy as np
-    import pydicom
-
-    from deploy_app.dicom_io import write_dataset
-    from deploy_app.findings import NoduleSeed
-    from deploy_app.sr import build_seed_sr
-    from scripts.bundle_files import copy_bundle
-    from training.demo_bundle import build_untrained_bundle
-    from training.dicom_ct import CTGeometry, SyntheticPatient, write_ct_series
-
     study = work / "study"
     if not (study / "ct").is_dir():
         geometry = CTGeometry(shape=(300, 512, 512), pixel_spacing=(0.7, 0.7), slice_spacing=1.0,
@@ -78,28 +87,13 @@ def prepare(work: Path, fold_counts: list[int]) -> None:
 
 def measure(work: Path, folds: int, repeats: int) -> dict:
     """Stage timings (medians) + whole-app time + peak RSS for one bundle; runs in its own process."""
-    import torch
-    from holoscan.core import Application
-    from monai.deploy.operators import DICOMDataLoaderOperator, DICOMSeriesSelectorOperator
-
-    from deploy_app.app import SERIES_RULES, process_folder, read_series_rules
-    from deploy_app.findings import SeriesResult
-    from deploy_app.inference import BundleModels, analyse_nodules
-    from deploy_app.operators import ReportWritersOperator, SeriesAnalysed, SeriesVolumesOperator
-    from deploy_app.seeds import CTSeriesInfo, find_seeds
-    from scripts.export import weight_bytes
-    from scripts.memory import peak_resident_bytes
-    from scripts.transforms import nine_planes_for_seeds
-
     torch.set_num_threads(os.cpu_count() or 1)
     study, bundle = work / "study", work / f"lora_bundle_{folds}"
-    started = time.perf_counter()
-    models = BundleModels.load(bundle)
-    load_models = time.perf_counter() - started
+    load_models, models = median_seconds(lambda: BundleModels.load(bundle), repeats=1, warmup=0)
     # the whole app first, so the peak memory is the app's own (the stage loop below keeps copies)
-    start = time.perf_counter()
-    outcome = process_folder(study, work / f"app_{folds}", models=models)
-    whole_app = time.perf_counter() - start
+    whole_app, outcome = median_seconds(
+        lambda: process_folder(study, work / f"app_{folds}", models=models), repeats=1, warmup=0
+    )
     assert not outcome.failures, outcome.failures
     peak = peak_resident_bytes()  # this process's own peak, not its parent's
     peak_rss_gb = peak / 1e9 if peak is not None else float("nan")
@@ -108,42 +102,36 @@ def measure(work: Path, folds: int, repeats: int) -> dict:
     loader = DICOMDataLoaderOperator(fragment, input_folder=study, name="loader")
     selector = DICOMSeriesSelectorOperator(fragment, rules=rules, all_matched=True, name="selector")
     to_volume = SeriesVolumesOperator(fragment, min_slices=min_slices, name="volume")
-    stages: dict[str, list[float]] = {}
-
-    def timed(name: str, function, *args):
-        start = time.perf_counter()
-        value = function(*args)
-        stages.setdefault(name, []).append(time.perf_counter() - start)
-        return value
-
-    def seeds_of(volume):  # as NoduleSeedsOperator does it
-        return find_seeds(study, CTSeriesInfo.from_geometry(volume.geometry))
-
+    stages = StageTimes()
     for repeat in range(repeats):
-        studies = timed("load (SDK DICOM loader)", loader.load_data_to_studies, study)
-        selected = timed("select (SDK series selector)", selector.filter, json.loads(rules), studies, True)
+        with stages("load (SDK DICOM loader)"):
+            studies = loader.load_data_to_studies(study)
+        with stages("select (SDK series selector)"):
+            selected = selector.filter(json.loads(rules), studies, True)
         chosen = selected[0].selected_series[0]
-        volume = timed("volume (geometry check + SDK series-to-volume)", to_volume.series_volume,
-                       chosen.series, chosen.selection_name)  # fmt: skip
-        seeds, skipped, _ = timed("seeds (series info + SR)", seeds_of, volume)
-        planes = timed("preprocessing (crop + nine planes)", nine_planes_for_seeds, volume.volume,
-                       [s.position_lps for s in seeds])  # fmt: skip
-        timed(f"model ({folds} fold(s), {len(seeds)} nodules)", models.predict, planes)
+        with stages("volume (geometry check + SDK series-to-volume)"):
+            volume = to_volume.series_volume(chosen.series, chosen.selection_name)
+        with stages("seeds (series info + SR)"):  # as NoduleSeedsOperator does it
+            seeds, skipped, _ = find_seeds(study, CTSeriesInfo.from_geometry(volume.geometry))
+        with stages("preprocessing (crop + nine planes)"):
+            planes = nine_planes_for_seeds(volume.volume, [s.position_lps for s in seeds])
+        with stages(f"model ({folds} fold(s), {len(seeds)} nodules)"):
+            models.predict(planes)
         if repeat == 0:  # the writers' input: the same numbers the app would produce
             nodules = analyse_nodules(volume.volume, seeds, models)
             result = SeriesResult(nodules=tuple(nodules), skipped=tuple(skipped), model=models.info)
         writer = ReportWritersOperator(fragment, output_folder=work / f"out_{folds}_{repeat}",
                                        outcome=None, name=f"writers{repeat}")  # fmt: skip
-        timed("writers (SR + PDF + SC)", writer.write_series,
-              SeriesAnalysed(series=volume, result=result))  # fmt: skip
-    model_times = next(values for name, values in stages.items() if name.startswith("model"))
+        with stages("writers (SR + PDF + SC)"):
+            writer.write_series(SeriesAnalysed(series=volume, result=result))
+    model_times = next(values for name, values in stages.samples.items() if name.startswith("model"))
     outside_times = [
-        sum(values[repeat] for name, values in stages.items() if not name.startswith("model"))
+        sum(values[repeat] for name, values in stages.samples.items() if not name.startswith("model"))
         for repeat in range(repeats)
     ]
     return {
         "folds": folds,
-        "stages_median_s": {name: statistics.median(values) for name, values in stages.items()},
+        "stages_median_s": stages.medians(),
         # per repeat, so a slower or faster spell of this shared machine affects both sides alike
         "outside_share_per_repeat": [o / m for o, m in zip(outside_times, model_times, strict=True)],
         "model_load_s": load_models,

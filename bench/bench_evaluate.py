@@ -4,7 +4,8 @@ Synthetic predictions for ~700 patients (1-5 nodules each): four predictors (mod
 model, two baselines) and five zero-shot semantic features. Times
 :func:`training.evaluate.compute_results` (patient-level resampling, every binary metric with its
 CI for each predictor, DeLong tests, semantic AUROCs with CIs) and reports the median over
-``--repeats`` runs; ``--end-to-end`` also times a whole ``python -m training.evaluate
+``--repeats`` runs, and the time to import ``training.splits`` and scikit-learn's model selection
+in a fresh process; ``--end-to-end`` also times a whole ``python -m training.evaluate
 --predictions`` run (cohort reading, baseline fits, plots, report) once.
 
 Usage::
@@ -22,17 +23,16 @@ os.environ.setdefault("TQDM_DISABLE", "1")  # before tqdm is imported: it reads 
 import argparse
 import logging
 import statistics
+import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bundle"))
-
+import benchlib
+import training  # noqa: F401  (its __init__ puts bundle/ on sys.path for scripts.*)
 from scripts.cohort import read_cohort
 from scripts.vocabulary import FEATURE_BY_COLUMN
 from training.baselines import BASELINES
@@ -75,6 +75,15 @@ def synthetic_cohort(n_nodules: int, n_patients: int, seed: int = 0) -> tuple[pd
     return cohort, predictions
 
 
+def cold_import_seconds(module: str) -> float:
+    """Seconds to import ``module`` in a fresh interpreter, as a command-line tool pays it."""
+    code = f"import time; t = time.perf_counter(); import {module}; print(time.perf_counter() - t)"
+    run = subprocess.run(
+        [sys.executable, "-c", code], cwd=benchlib.REPO, check=True, capture_output=True, text=True
+    )
+    return float(run.stdout)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--nodules", type=int, default=2000)
@@ -100,35 +109,41 @@ def main() -> None:
             BASELINES[1]: np.clip(0.2 * labels + rng.uniform(0, 0.8, len(model)), 0, 1),
         }
         semantic = {c: predictions[c].to_numpy() for c in predictions.columns if "=" in c}
-        times = []
-        for repeat in range(args.repeats):
-            start = time.perf_counter()
-            compute_results(
-                labels, cohort["pid"].tolist(), predictors, semantic, records, args.bootstrap, repeat
-            )
-            times.append(time.perf_counter() - start)
+        stages = benchlib.StageTimes()
+        for repeat in range(args.repeats):  # a new resampling seed per run, no warm-up
+            with stages("metrics"):
+                compute_results(
+                    labels, cohort["pid"].tolist(), predictors, semantic, records, args.bootstrap, repeat
+                )
+        times = stages.samples["metrics"]
         print(
             f"metrics step: {args.nodules} nodules, {cohort['pid'].nunique()} patients, {len(predictors)} "
             f"predictors, {len(SEMANTIC)} semantic features, {args.bootstrap} resamples: median "
             f"{statistics.median(times):.3f} s (min {min(times):.3f} s, {args.repeats} runs), "
             f"load average {os.getloadavg()[0]:.2f}"
         )
+        imports = ", ".join(
+            f"{m} {cold_import_seconds(m):.2f} s" for m in ("training.splits", "sklearn.model_selection")
+        )
+        print(f"import in a fresh process: {imports}")
         if args.end_to_end:
             labels_by_patient = cohort.groupby("pid")["malignant"].max().to_dict()
             splits, test = make_splits(labels_by_patient, n_folds=3, test_fraction=0.2, seed=0)
             split_dir = write_splits(splits, test, Path(folder) / "splits")
             predictions_csv = Path(folder) / "predictions.csv"
             predictions.to_csv(predictions_csv, index=False)
-            start = time.perf_counter()
-            evaluate(
-                cohort_csv,
-                split_dir,
-                Path(folder) / "out",
-                predictions_csv=predictions_csv,
-                subset="all",
-                n_resamples=args.bootstrap,
+            elapsed, _ = benchlib.median_seconds(
+                lambda: evaluate(
+                    cohort_csv,
+                    split_dir,
+                    Path(folder) / "out",
+                    predictions_csv=predictions_csv,
+                    subset="all",
+                    n_resamples=args.bootstrap,
+                ),
+                repeats=1,
+                warmup=0,
             )
-            elapsed = time.perf_counter() - start
             print(f"end to end (training.evaluate --predictions, subset all): {elapsed:.2f} s")
 
 

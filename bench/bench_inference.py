@@ -17,39 +17,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 from monai.data import MetaTensor
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "bundle"))
-from scripts.export import export_torchscript, load_exported  # noqa: E402
-from scripts.geometry import voxel_to_world_lps  # noqa: E402
-from scripts.network import SemanticCLIP  # noqa: E402
-from scripts.transforms import nine_planes_for_seeds  # noqa: E402
-
-
-def synchronise(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed(function, device: torch.device, repeats: int) -> tuple[float, object]:
-    value = function()  # warm-up
-    synchronise(device)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        value = function()
-        synchronise(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), value
+import benchlib
+import deploy_app  # noqa: F401  (its __init__ puts bundle/ on sys.path for scripts.*)
+from scripts.export import export_torchscript, load_exported
+from scripts.geometry import voxel_to_world_lps
+from scripts.network import SemanticCLIP
+from scripts.transforms import nine_planes_for_seeds
 
 
 def main() -> None:
@@ -61,6 +41,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
     device = torch.device(args.device)
+    synchronize = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else None
+
+    def timed(function):  # median over --repeats after one warm-up, device work included
+        return benchlib.median_seconds(function, args.repeats, synchronize=synchronize)
 
     with tempfile.TemporaryDirectory() as tmp:
         torch.manual_seed(0)
@@ -78,13 +62,13 @@ def main() -> None:
     rng = np.random.default_rng(0)
     seeds = voxel_to_world_lps(affine, rng.uniform([120, 120, 80], [392, 392, 220], size=(args.nodules, 3)))
 
-    preprocessing, planes = timed(lambda: nine_planes_for_seeds(volume, seeds), device, args.repeats)
+    preprocessing, planes = timed(lambda: nine_planes_for_seeds(volume, seeds))
 
     def all_folds():
         with torch.no_grad():
             return [fold(planes)["malignancy"] for fold in folds]
 
-    model, outputs = timed(all_folds, device, args.repeats)
+    model, outputs = timed(all_folds)
     with torch.no_grad():
         expected = reference(planes.cpu())["malignancy"]
     difference = float((outputs[0].float().cpu() - expected).abs().max())

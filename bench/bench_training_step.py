@@ -13,21 +13,17 @@ Medians over interleaved rounds, so both see the same machine load. Run: ``make 
 from __future__ import annotations
 
 import argparse
-import statistics
-import sys
 import tempfile
-import time
 from itertools import cycle, islice
 from pathlib import Path
 
 import torch
 from monai.bundle import ConfigParser
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "bundle"))
-from scripts.bundle_files import BUNDLE_ROOT as BUNDLE  # noqa: E402
-from training.synthetic import write_synthetic_cohort  # noqa: E402
+from benchlib import REPO, StageTimes
+from training.synthetic import write_synthetic_cohort
+
+BUNDLE = REPO / "bundle"
 
 
 def parse_training_config(data_dir: Path, model_name: str, num_workers: int) -> ConfigParser:
@@ -73,23 +69,23 @@ def main() -> None:
 
         premade = list(islice(cycle(loader), args.steps))
         step(premade[0])  # warm-up: allocations, lazy init
-        replayed, loaded = [], []
+        stages = StageTimes()
         for _ in range(args.rounds):
             for batch in premade:
-                start = time.perf_counter()
-                step(batch)
-                replayed.append(time.perf_counter() - start)
+                with stages("replayed"):
+                    step(batch)
             iterator = iter(cycle(loader))
             next(iterator)  # start the workers outside the timing
             for _ in range(args.steps):
-                start = time.perf_counter()
-                step(next(iterator))
-                loaded.append(time.perf_counter() - start)
+                with stages("loaded"):
+                    step(next(iterator))
 
-    base, full = statistics.median(replayed), statistics.median(loaded)
+    medians = stages.medians()
+    base, full = medians["replayed"], medians["loaded"]
+    steps = len(stages.samples["replayed"]), len(stages.samples["loaded"])
     print(f"device {device}, model {args.model_name}, batch 4 nodules x 9 planes, workers {args.num_workers}")
-    print(f"step on pre-made tensors: median {base * 1000:.0f} ms over {len(replayed)} steps")
-    print(f"step with data loading  : median {full * 1000:.0f} ms over {len(loaded)} steps")
+    print(f"step on pre-made tensors: median {base * 1000:.0f} ms over {steps[0]} steps")
+    print(f"step with data loading  : median {full * 1000:.0f} ms over {steps[1]} steps")
     print(f"loading adds {100 * (full / base - 1):+.1f}% (target <= 10%)")
 
 

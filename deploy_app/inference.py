@@ -43,8 +43,9 @@ def use_simple_torchscript_executor() -> None:
     """Run TorchScript with its simple (non-profiling) executor, for the whole process.
 
     The profiling executor records and specialises a graph per loaded module on its first calls: for
-    five ViT-B/32 folds that held about 2 GB more (peak 4.96 GB vs 2.96 GB for a 5-nodule study in
-    ``bench/bench_deploy.py``) and was no faster, since each study runs every fold once or twice.
+    five ViT-B/32 folds that raised the app's peak resident memory by far more than the models'
+    weights (``bench/bench_deploy.py`` prints the peak) and was no faster, since each study runs
+    every fold once or twice.
     """
     switch = getattr(torch._C, "_jit_set_profiling_executor", None)  # no public switch exists
     if switch is not None:

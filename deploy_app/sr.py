@@ -13,9 +13,9 @@ Document
 - Patient and study attributes are copied from the CT by highdicom. Every instance of the CT series
   is listed as evidence (Current Requested Procedure Evidence Sequence): the report is about the
   series as a whole (the model reads a 100 mm cube, i.e. dozens of slices, around each seed), and a
-  few hundred references cost little: for 300 instances about 35 kB, 15 ms to build and 12 ms to
-  write (of ~70 ms and ~110 ms for a five-nodule report), so they are not narrowed down to the
-  slices inside the nodules' cubes.
+  few hundred references are a small part of the report's size and of its time to build and write
+  (``bench/bench_writers.py`` prints them), so they are not narrowed down to the slices inside the
+  nodules' cubes.
 - Observer context: a DEVICE observer (TID 1004) whose UID is derived from the bundle name and
   version (the same bundle version always has the same device UID), name and model name = bundle
   name, serial number = bundle version, manufacturer = ``manufacturer``.
@@ -74,9 +74,9 @@ constructor searches each one's subtree for coordinates), and the document is co
 the root container without its children (the constructor deep-copies the tree, parses the copy back
 and searches it for image references), which are attached afterwards
 (:func:`comprehensive_3d_sr_without_tree_copy`, the one function that writes a private highdicom
-attribute); tests check that both give exactly what highdicom's constructors give. A five-nodule
-report over 300 CT headers takes ~70 ms instead of ~370 ms (``bench/bench_writers.py``); writing it
-(pydicom, ~7,700 elements, 170 kB) takes about as long again.
+attribute); tests check that both give exactly what highdicom's constructors give. Those passes
+were most of the time to build a report (``bench/bench_writers.py`` times the report with
+highdicom's document constructor too, and prints the SR's size and time to write).
 
 Report-level comments
 ---------------------
@@ -416,7 +416,8 @@ def comprehensive_3d_sr_without_tree_copy(
 
     The one place that relies on highdicom's internals. Why: highdicom's constructor deep-copies the
     content tree, parses the copy back into content items and searches it twice for image
-    references: ~0.3 s for a five-nodule report, most of its cost. The tree given here is already
+    references, most of the cost of building a report (``bench/bench_writers.py`` times both). The
+    tree given here is already
     made of highdicom content items and holds no IMAGE or COMPOSITE reference (the evidence is given
     explicitly), so the document is built around the root container without its children, which are
     then attached to the document's Content Sequence and to its private ``_content`` (what the

@@ -670,7 +670,8 @@ def render_scene(
     # thick slices: a sub-voxel blur across them is nearly the identity and not worth a pass
     sigma_voxels = np.where(sigma_voxels < _MIN_SIGMA_VOXELS, 0.0, sigma_voxels)
     pre_blur_std = noise_std / _gaussian_noise_gain(sigma_voxels)
-    # uniform noise is 3x cheaper to draw than normal noise and is Gaussian after the blur (CLT)
+    # uniform noise is cheaper to draw than normal noise (bench/bench_phantoms.py times both) and is
+    # Gaussian after the blur (CLT)
     noise = rng.random(shape, dtype=np.float32)
     noise -= np.float32(0.5)
     noise *= np.float32(pre_blur_std * math.sqrt(12.0))

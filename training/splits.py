@@ -46,7 +46,7 @@ def make_splits(
     Returns:
         ``[(train_pids, val_pids)] * k`` and the sorted test pids.
     """
-    from sklearn.model_selection import StratifiedKFold, train_test_split  # ~2 s: only when splitting
+    from sklearn.model_selection import StratifiedKFold, train_test_split  # slow import: only when splitting
 
     if n_folds < 2:
         raise UserInputError(f"--folds must be at least 2, got {n_folds}")

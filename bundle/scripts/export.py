@@ -163,7 +163,8 @@ def share_identical_weights(modules: Sequence[nn.Module]) -> int:
 
     Cross-validation folds fine-tuned with LoRA from one backbone differ only in the adapted attention
     projections (merged at export) and the heads: about three quarters of a ViT-B/32 image tower is
-    the same in every fold, so five folds need about 0.7 GB instead of 1.8 GB. A tensor is shared only
+    the same in every fold, so five folds hold about two folds' worth of weights instead of five
+    (``bench/bench_deploy.py`` prints the weights held). A tensor is shared only
     when its name, dtype, shape, device and every value equal those of the first model's, so outputs
     are bitwise unchanged; models that have nothing in common (full fine-tuning) keep their own copies.
     Inference only: a shared parameter changed in place would change every model that shares it.

@@ -5,8 +5,8 @@
   the planes as 8-bit grey pixels, and the colours of banner, seed marker and edge letters.
 - :func:`render_montage`: the picture of one nodule that :func:`deploy_app.report.dicom.secondary_capture`
   wraps, for viewers that do not open PDFs: banner(s), label, probability, main findings and the
-  nine planes. Composed with numpy and Pillow, not a plotting library: ~14 ms per nodule instead of
-  ~0.2-0.3 s with matplotlib.
+  nine planes. Composed with numpy and Pillow, not a plotting library: with matplotlib the montages
+  took most of the writers' time (``bench/bench_writers.py`` prints the SC writer's).
 
 The planes are shown as the model sees them, not re-oriented to radiological convention: rows and
 columns follow :data:`scripts.transforms.PLANE_DIRECTIONS`, and letters on the image edges (S/I,

@@ -287,7 +287,7 @@ def _binary_streams() -> Iterator[None]:
 
     ASCII85 (reportlab's default, a process-wide setting) makes a PDF 7-bit clean at 25 % more size,
     and without reportlab's optional C accelerator its pure-Python encoder took most of the PDF's
-    time (~8 ms per 224 x 224 plane image: 0.35 s for five nodules). A DICOM or file transfer is
+    time (``bench/bench_writers.py`` times the PDF with ASCII85 too). A DICOM or file transfer is
     binary anyway. The setting is restored afterwards; the lock keeps concurrent renders from
     restoring it under each other (which would make their bytes depend on timing).
     """
