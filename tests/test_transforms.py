@@ -10,17 +10,7 @@ from monai.data import MetaTensor
 from scipy import ndimage
 from test_geometry import BLOB_1, NIFTI_CASES, write_nifti
 
-from scripts.errors import UserInputError
-from scripts.geometry import format_extent_lps
-from scripts.transforms import (
-    CLIP_MEAN,
-    CLIP_STD,
-    CLIPNormalize,
-    CLIPNormalized,
-    LoadCT,
-    LoadCTd,
-    NinePlanes,
-    NinePlanesd,
+from scripts.augmentation import (
     RandPlaneGamma,
     RandPlaneGammad,
     RandPlaneGaussianNoise,
@@ -33,6 +23,19 @@ from scripts.transforms import (
     RandROIShiftd,
     RandSeedJitter,
     RandSeedJitterd,
+)
+from scripts.errors import UserInputError
+from scripts.geometry import format_extent_lps
+from scripts.resampling import axis_permutation, sample_grid, sample_linear
+from scripts.transforms import (
+    CLIP_MEAN,
+    CLIP_STD,
+    CLIPNormalize,
+    CLIPNormalized,
+    LoadCT,
+    LoadCTd,
+    NinePlanes,
+    NinePlanesd,
     SeedROICrop,
     SeedROICropd,
     nine_planes_for_seeds,
@@ -197,8 +200,6 @@ def test_crop_plain_tensor_with_affine_equals_metatensor(dtype):
 @pytest.mark.parametrize("pad_value", [-1000.0, 0.0])
 def test_separable_sampler_equals_grid_sample(axes, pad_value):
     """The fast axis-aligned path equals grid_sample(block - pad) + pad, also where it runs off the block."""
-    from scripts.transforms import _axis_permutation, _sample_grid, _sample_linear
-
     rng = np.random.default_rng(sum(axes))
     block = torch.as_tensor(rng.uniform(-1000, 1000, size=(30, 26, 22)), dtype=torch.float32)
     index_map = np.eye(4)
@@ -207,23 +208,23 @@ def test_separable_sampler_equals_grid_sample(axes, pad_value):
         index_map[in_axis, out_axis] = rng.choice([-1.0, 1.0]) * rng.uniform(0.5, 0.9)
     index_map[:3, 3] = rng.uniform(-4.0, 30.0, size=3)
     shape = (24, 28, 32)
-    assert _axis_permutation(index_map, shape) == list(axes)
-    fast = _sample_linear(block, shape, index_map, pad_value)
-    reference = _sample_grid(block - pad_value, shape, index_map) + pad_value
+    assert axis_permutation(index_map, shape) == list(axes)
+    fast = sample_linear(block, shape, index_map, pad_value)
+    reference = sample_grid(block - pad_value, shape, index_map) + pad_value
     torch.testing.assert_close(fast, reference, atol=0.02, rtol=0)  # float32 grid coordinates
     assert float(fast.min()) >= -1000.0 - 1e-3
-    as_int16 = _sample_linear(block.round().to(torch.int16), shape, index_map, pad_value)
-    torch.testing.assert_close(as_int16, _sample_linear(block.round(), shape, index_map, pad_value))
+    as_int16 = sample_linear(block.round().to(torch.int16), shape, index_map, pad_value)
+    torch.testing.assert_close(as_int16, sample_linear(block.round(), shape, index_map, pad_value))
     for layout in [(2, 1, 0), (1, 0, 2)]:  # the same values stored in another order (a transposed CT)
         strided = block.permute(layout).contiguous().permute(np.argsort(layout).tolist())
         assert torch.equal(strided, block) and not strided.is_contiguous()
-        in_memory_order = _sample_linear(strided, shape, index_map, pad_value)
+        in_memory_order = sample_linear(strided, shape, index_map, pad_value)
         torch.testing.assert_close(in_memory_order, fast, atol=1e-3, rtol=0)
     tilted = index_map.copy()
     tilted[0, (axes[0] + 1) % 3] = 1e-7  # negligible obliquity: still separable
-    assert _axis_permutation(tilted, shape) == list(axes)
+    assert axis_permutation(tilted, shape) == list(axes)
     tilted[0, (axes[0] + 1) % 3] = 1e-2
-    assert _axis_permutation(tilted, shape) is None
+    assert axis_permutation(tilted, shape) is None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -16,16 +16,8 @@ Inference chain (one nodule)::
   upsamples each to 224 x 224 with corner-aligned bilinear interpolation (scipy ``zoom(order=1)``).
 - :class:`CLIPNormalize` repeats the planes to 3 channels and applies the CLIP mean/std.
 
-Training augmentation (the paper's values are the defaults); the order ``configs/train.json`` uses,
-so that the deterministic crop can be cached::
-
-    LoadCTd -> SeedROICropd -> RandROIShiftd (+-5 voxels = mm, the crop jitter, exact)
-      -> RandROIRotated (+-10 deg about the seed, one resample, air padding)
-      -> RandROIFlipd (each ROI axis independently, p=0.5)
-      -> NinePlanesd -> RandPlaneGaussianNoised (std 0.02) -> RandPlaneGammad (gamma 0.8..1.2)
-      -> CLIPNormalized
-
-(:class:`RandSeedJitter` jitters the seed before the crop instead, for pipelines that do not cache.)
+Training augmentation lives in :mod:`scripts.augmentation` and the resampling both use in
+:mod:`scripts.resampling`.
 
 Every transform is usable from a bundle config, e.g. ``{"_target_": "scripts.transforms.SeedROICropd"}``.
 Coordinates: see :mod:`scripts.geometry` (the one place where LPS meets RAS).
@@ -48,16 +40,12 @@ from monai.data.image_reader import ITKReader, NibabelReader
 from monai.transforms import (
     LoadImage,
     MapTransform,
-    RandAdjustContrast,
-    RandAdjustContrastd,
-    RandGaussianNoise,
-    RandGaussianNoised,
-    RandomizableTransform,
     Transform,
 )
 
 from scripts.errors import UserInputError
 from scripts.geometry import format_extent_lps, lps_to_voxel_matrix, seed_inside_scan
+from scripts.resampling import normalising_matrix, sample_linear
 
 __all__ = [
     "CLIP_MEAN",
@@ -69,21 +57,12 @@ __all__ = [
     "LoadCTd",
     "NinePlanes",
     "NinePlanesd",
-    "RandPlaneGammad",
-    "RandPlaneGamma",
-    "RandPlaneGaussianNoise",
-    "RandPlaneGaussianNoised",
-    "RandROIFlip",
-    "RandROIFlipd",
-    "RandROIRotate",
-    "RandROIRotated",
-    "RandROIShift",
-    "RandROIShiftd",
-    "RandSeedJitter",
-    "RandSeedJitterd",
     "SeedROICrop",
     "SeedROICropd",
     "nine_planes_for_seeds",
+    "parse_seed",
+    "plain_tensor",
+    "windowed_planes_for_seeds",
     "window_hu",
 ]
 
@@ -106,144 +85,6 @@ PLANE_DIRECTIONS: tuple[tuple[tuple[float, float, float], tuple[float, float, fl
 )
 
 _NIFTI_SUFFIXES = (".nii", ".nii.gz")
-
-
-# --------------------------------------------------------------------------------------------------
-# sampling helpers (shared by the crop, the rotation augmentation and the planes)
-# --------------------------------------------------------------------------------------------------
-
-
-@functools.lru_cache(maxsize=8)
-def _homogeneous_index_grid(shape: tuple[int, ...], device: str) -> torch.Tensor:
-    """All integer indices of an array of ``shape`` as float32 ``(prod(shape), len(shape) + 1)``."""
-    axes = [torch.arange(n, dtype=torch.float32, device=device) for n in shape]
-    mesh = torch.meshgrid(*axes, indexing="ij")
-    ones = torch.ones_like(mesh[0])
-    return torch.stack([*mesh, ones], dim=-1).reshape(-1, len(shape) + 1)
-
-
-def _normalising_matrix(block_shape: Sequence[int]) -> np.ndarray:
-    """4x4 map from array indices (d, h, w) of ``block_shape`` to grid_sample coordinates (x, y, z).
-
-    ``grid_sample(..., align_corners=True)`` reads index ``(n - 1) * (g + 1) / 2`` for a normalised
-    coordinate ``g``; its last grid dimension is ordered (w, h, d).
-    """
-    matrix = np.zeros((4, 4))
-    for out_row, axis in enumerate((2, 1, 0)):
-        matrix[out_row, axis] = 2.0 / (block_shape[axis] - 1)
-        matrix[out_row, 3] = -1.0
-    matrix[3, 3] = 1.0
-    return matrix
-
-
-#: Off-axis terms of an index map that move a sample by less than this (in voxels, over the whole
-#: output) are treated as zero, so the separable path serves "almost axis-aligned" scans too.
-_AXIS_ALIGNED_TOLERANCE = 1e-3
-
-
-def _axis_permutation(index_map: np.ndarray, out_shape: Sequence[int]) -> list[int] | None:
-    """For an axis-aligned map, the output axis read by each input axis; else None."""
-    linear = np.abs(index_map[:3, :3]) * (np.asarray(out_shape, dtype=np.float64) - 1.0)[None, :]
-    out_axes = [int(np.argmax(row)) for row in linear]
-    if sorted(out_axes) != [0, 1, 2]:
-        return None
-    off_axis = linear.copy()
-    off_axis[range(3), out_axes] = 0.0
-    return out_axes if off_axis.sum(axis=1).max() < _AXIS_ALIGNED_TOLERANCE else None
-
-
-def _sample_separable(
-    block: torch.Tensor,
-    out_shape: Sequence[int],
-    index_map: np.ndarray,
-    out_axes: list[int],
-    pad_value: float,
-) -> torch.Tensor:
-    """Trilinear sampling of an axis-aligned grid as three 1-D linear interpolations.
-
-    Identical to ``grid_sample(block - pad, ..., padding_mode="zeros", align_corners=True) + pad``:
-    a neighbour outside the block has weight 0, and as trilinear weights are products of 1-D
-    weights, the total weight inside the block is the product of the per-axis sums, so the pad
-    term is ``pad * (1 - s0 s1 s2)`` (skipped when the cube lies inside the scan). ``block`` may be
-    a strided view of any dtype: the first pass reads only the planes it needs.
-    """
-    # Work in the block's memory order (a CT volume is usually a transposed view of its slices):
-    # each index_select then copies contiguous rows instead of gathering strided ones.
-    memory_order = sorted(range(3), key=lambda axis: -block.stride(axis))
-    if memory_order != [0, 1, 2]:
-        block = block.permute(memory_order)
-        index_map = index_map[[*memory_order, 3]]
-        out_axes = [out_axes[axis] for axis in memory_order]
-    out = block
-    inside: list[np.ndarray] = [np.ones(1)] * 3  # per output axis: weight inside the block
-    # passes that shrink the array most go first
-    order = sorted(range(3), key=lambda a: out_shape[out_axes[a]] / block.shape[a])
-    for in_axis in order:
-        out_axis = out_axes[in_axis]
-        n = block.shape[in_axis]
-        coords = index_map[in_axis, out_axis] * np.arange(out_shape[out_axis]) + index_map[in_axis, 3]
-        low = np.floor(coords).astype(np.int64)
-        upper = coords - low
-        lower = 1.0 - upper
-        valid_low, valid_high = (low >= 0) & (low < n), (low + 1 >= 0) & (low + 1 < n)
-        view = [1, 1, 1]
-        view[in_axis] = -1
-        device = block.device
-        first = out.index_select(in_axis, torch.as_tensor(np.clip(low, 0, n - 1), device=device))
-        second = out.index_select(in_axis, torch.as_tensor(np.clip(low + 1, 0, n - 1), device=device))
-        first, second = first.to(torch.float32), second.to(torch.float32)
-        if valid_low.all() and valid_high.all():
-            out = torch.lerp(
-                first, second, torch.as_tensor(upper, dtype=torch.float32, device=device).view(view)
-            )
-        else:
-            lower, upper = np.where(valid_low, lower, 0.0), np.where(valid_high, upper, 0.0)
-            w_low = torch.as_tensor(lower, dtype=torch.float32, device=device).view(view)
-            w_high = torch.as_tensor(upper, dtype=torch.float32, device=device).view(view)
-            out = first * w_low + second * w_high
-            inside[out_axis] = lower + upper
-    # input axis a now holds output axis out_axes[a]: put the output axes in order
-    out = out.permute([out_axes.index(axis) for axis in range(3)]).contiguous()
-    if pad_value != 0 and any(np.any(w < 1.0) for w in inside):
-        total = inside[0][:, None, None] * inside[1][None, :, None] * inside[2][None, None, :]
-        out += pad_value * (1.0 - torch.as_tensor(total, dtype=torch.float32, device=out.device))
-    return out
-
-
-def _sample_linear(
-    block: torch.Tensor, out_shape: tuple[int, int, int], index_map: np.ndarray, pad_value: float
-) -> torch.Tensor:
-    """Trilinear samples of ``block`` (D, H, W) on a grid that is a linear image of an index grid.
-
-    Axis-aligned maps (every CT without obliquity, any flips or axis order) take an exact separable
-    path (three 1-D interpolations, faster on CPU: ``bench/bench_preprocessing.py`` times both);
-    others use ``grid_sample``. Both equal ``grid_sample(block - pad_value, zeros padding,
-    align_corners=True) + pad_value``.
-
-    Args:
-        block: tensor (D, H, W) of any real dtype (may be a view), each dimension >= 2.
-        out_shape: output shape (d, h, w).
-        index_map: 4x4 (float64) map from homogeneous output indices to block indices.
-        pad_value: value outside the block.
-
-    Returns:
-        float32 tensor ``out_shape`` on the block's device.
-    """
-    out_axes = _axis_permutation(index_map, out_shape)
-    if out_axes is not None:
-        return _sample_separable(block, out_shape, index_map, out_axes, pad_value)
-    shifted = block.to(torch.float32) - pad_value
-    return _sample_grid(shifted, out_shape, index_map) + pad_value
-
-
-def _sample_grid(block: torch.Tensor, out_shape: tuple[int, int, int], index_map: np.ndarray) -> torch.Tensor:
-    """``grid_sample`` (trilinear, zeros outside) of ``block`` at ``index_map`` applied to an index grid."""
-    to_grid = _normalising_matrix(block.shape) @ index_map
-    theta = torch.as_tensor(to_grid[:3].T, dtype=torch.float32, device=block.device)
-    grid = (_homogeneous_index_grid(tuple(out_shape), str(block.device)) @ theta).reshape(1, *out_shape, 3)
-    return F.grid_sample(block[None, None], grid, mode="bilinear", padding_mode="zeros", align_corners=True)[
-        0, 0
-    ]
 
 
 def window_hu(image: torch.Tensor, hu_window: tuple[float, float] = (-1000.0, 500.0)) -> torch.Tensor:
@@ -281,7 +122,7 @@ def _filename(image: Any) -> str | None:
     return None
 
 
-def _plain(image: torch.Tensor) -> torch.Tensor:
+def plain_tensor(image: torch.Tensor) -> torch.Tensor:
     return image.as_tensor() if isinstance(image, MetaTensor) else torch.as_tensor(image)
 
 
@@ -410,7 +251,7 @@ class LoadCTd(MapTransform):
 # --------------------------------------------------------------------------------------------------
 
 
-def _parse_seed(seed: Any, who: str) -> np.ndarray:
+def parse_seed(seed: Any, who: str) -> np.ndarray:
     try:
         array = np.asarray(seed.detach().cpu() if isinstance(seed, torch.Tensor) else seed, dtype=np.float64)
     except (TypeError, ValueError):
@@ -476,12 +317,12 @@ class SeedROICrop(Transform):
         """
         filename = _filename(img)
         who = _who(pid, nodule_id)
-        seed_lps = _parse_seed(seed, _who(pid, nodule_id, filename))
+        seed_lps = parse_seed(seed, _who(pid, nodule_id, filename))
         if affine is None:
             if not isinstance(img, MetaTensor):
                 raise ValueError("SeedROICrop needs a MetaTensor or an explicit affine")
             affine = img.affine
-        volume = _plain(img)
+        volume = plain_tensor(img)
         if volume.ndim != 4 or volume.shape[0] != 1 or min(volume.shape[1:]) < 2:
             raise UserInputError(
                 f"{_who(pid, nodule_id, filename)}: expected a volume of shape (1, X, Y, Z), each >= 2, "
@@ -511,7 +352,7 @@ class SeedROICrop(Transform):
         shift = np.eye(4)
         shift[:3, 3] = -np.asarray(low, dtype=np.float64)
         size = (self.roi_size,) * 3
-        roi = _sample_linear(block, size, shift @ index_map, self.pad_value)
+        roi = sample_linear(block, size, shift @ index_map, self.pad_value)
         return roi[None]
 
 
@@ -582,7 +423,7 @@ def _plane_grid(
     low = np.clip(np.floor(flat.min(axis=0)).astype(int), 0, last - 1)
     high = np.maximum(np.clip(np.floor(flat.max(axis=0)).astype(int) + 1, 0, last), low + 1)
     homogeneous = np.concatenate([points - low, np.ones((*points.shape[:-1], 1))], axis=-1)
-    grid = homogeneous @ _normalising_matrix(high - low + 1)[:3].T
+    grid = homogeneous @ normalising_matrix(high - low + 1)[:3].T
     block = tuple(slice(int(a), int(b) + 1) for a, b in zip(low, high, strict=True))
     return block, torch.as_tensor(grid[None], dtype=torch.float32, device=device)
 
@@ -611,7 +452,7 @@ class NinePlanes(Transform):
 
     def sample_planes(self, roi: torch.Tensor) -> torch.Tensor:
         """The nine windowed planes at the ROI spacing, before resizing: (9, plane_size, plane_size)."""
-        roi = _plain(roi)
+        roi = plain_tensor(roi)
         if roi.ndim != 4 or roi.shape[0] != 1 or min(roi.shape[1:]) < 2:
             raise ValueError(f"NinePlanes expects an ROI of shape (1, D, H, W), got {tuple(roi.shape)}")
         block, grid = _plane_grid(tuple(int(n) for n in roi.shape[1:]), self.plane_size, str(roi.device))
@@ -687,7 +528,7 @@ class CLIPNormalize(Transform):
         Returns:
             float32 tensor (N, 3, H, W), or (B, N, 3, H, W).
         """
-        planes = _plain(planes).to(torch.float32)
+        planes = plain_tensor(planes).to(torch.float32)
         if planes.ndim not in (3, 4):
             raise ValueError(
                 f"CLIPNormalize expects planes (N, H, W) or (B, N, H, W), got {tuple(planes.shape)}"
@@ -697,7 +538,7 @@ class CLIPNormalize(Transform):
 
     def inverse(self, normalised: torch.Tensor) -> torch.Tensor:
         """(..., N, 3, H, W) CLIP-normalised -> (..., N, H, W) in [0, 1] (first channel)."""
-        normalised = _plain(normalised).to(torch.float32)
+        normalised = plain_tensor(normalised).to(torch.float32)
         first = normalised[..., 0, :, :]
         return first * self.std[0, 0, 0, 0].item() + self.mean[0, 0, 0, 0].item()
 
@@ -727,329 +568,6 @@ class CLIPNormalized(MapTransform):
         for key in self.key_iterator(d):
             d[key] = self.normalize(d[key])
         return d
-
-
-# --------------------------------------------------------------------------------------------------
-# training augmentation
-# --------------------------------------------------------------------------------------------------
-
-
-class _RandDictTwin(RandomizableTransform, MapTransform):
-    """Dictionary twin that draws once with its array transform and applies it to every key."""
-
-    def __init__(self, keys: KeysCollection, transform: Any, allow_missing_keys: bool) -> None:
-        MapTransform.__init__(self, keys, allow_missing_keys)
-        RandomizableTransform.__init__(self, prob=1.0)
-        self.transform = transform
-
-    def set_random_state(
-        self, seed: int | None = None, state: np.random.RandomState | None = None
-    ) -> _RandDictTwin:
-        super().set_random_state(seed, state)
-        self.transform.set_random_state(seed, state)
-        return self
-
-    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
-        d = dict(data)
-        self.transform.randomize()
-        for key in self.key_iterator(d):
-            d[key] = self.transform(d[key], randomize=False)
-        return d
-
-
-class RandSeedJitter(RandomizableTransform):
-    """Shift a world seed by a uniform random offset in [-max_shift, +max_shift] mm per axis.
-
-    Applied before :class:`SeedROICrop`, this is the paper's in-plane crop jitter (+-5 px at 1 mm).
-
-    Args:
-        max_shift: largest shift per axis in mm (5.0).
-        prob: probability of shifting.
-    """
-
-    def __init__(self, max_shift: float = 5.0, prob: float = 1.0) -> None:
-        super().__init__(prob)
-        self.max_shift = float(max_shift)
-        self._shift = np.zeros(3)
-
-    def randomize(self, data: Any = None) -> None:
-        super().randomize(None)
-        self._shift = (
-            self.R.uniform(-self.max_shift, self.max_shift, size=3) if self._do_transform else np.zeros(3)
-        )
-
-    def __call__(self, seed: Any, randomize: bool = True) -> np.ndarray:  # type: ignore[override]
-        """Jitter ``seed`` (3,) mm; returns a float64 numpy array."""
-        if randomize:
-            self.randomize()
-        return _parse_seed(seed, "seed jitter") + self._shift
-
-
-class RandSeedJitterd(_RandDictTwin):
-    """Dictionary twin of :class:`RandSeedJitter` (same shift for every key).
-
-    Args:
-        keys: keys of the seeds.
-        max_shift: largest shift per axis in mm.
-        prob: probability of shifting.
-        allow_missing_keys: skip absent keys instead of raising.
-    """
-
-    def __init__(
-        self,
-        keys: KeysCollection = "seed",
-        max_shift: float = 5.0,
-        prob: float = 1.0,
-        allow_missing_keys: bool = False,
-    ) -> None:
-        super().__init__(keys, RandSeedJitter(max_shift=max_shift, prob=prob), allow_missing_keys)
-
-
-class RandROIFlip(RandomizableTransform):
-    """Flip each spatial axis of a (C, D, H, W) ROI independently with probability ``prob``.
-
-    Unlike :class:`monai.transforms.RandFlip` (one draw for all listed axes), every axis gets its
-    own draw, as in the paper ("flips on all axes, p=0.5").
-
-    Args:
-        prob: probability per axis.
-    """
-
-    def __init__(self, prob: float = 0.5) -> None:
-        super().__init__(prob=1.0)
-        self.axis_prob = float(prob)
-        self._flips: tuple[int, ...] = ()
-
-    def randomize(self, data: Any = None) -> None:
-        draws = self.R.random_sample(3)
-        self._flips = tuple(axis + 1 for axis in range(3) if draws[axis] < self.axis_prob)
-
-    def __call__(self, img: torch.Tensor, randomize: bool = True) -> torch.Tensor:  # type: ignore[override]
-        """Flip ``img`` (C, D, H, W) along the drawn axes."""
-        if randomize:
-            self.randomize()
-        img = _plain(img)
-        return torch.flip(img, self._flips) if self._flips else img
-
-
-class RandROIFlipd(_RandDictTwin):
-    """Dictionary twin of :class:`RandROIFlip` (same flips for every key).
-
-    Args:
-        keys: keys of the ROIs.
-        prob: probability per axis.
-        allow_missing_keys: skip absent keys instead of raising.
-    """
-
-    def __init__(
-        self, keys: KeysCollection = "image", prob: float = 0.5, allow_missing_keys: bool = False
-    ) -> None:
-        super().__init__(keys, RandROIFlip(prob=prob), allow_missing_keys)
-
-
-def _rotation_matrix(angles_rad: Sequence[float]) -> np.ndarray:
-    """Rotation about array axes 0, 1, 2 (in this order of composition), 3x3 float64."""
-    rotation = np.eye(3)
-    for axis, angle in enumerate(angles_rad):
-        a, b = [k for k in range(3) if k != axis]
-        step = np.eye(3)
-        step[a, a] = step[b, b] = math.cos(angle)
-        step[a, b], step[b, a] = -math.sin(angle), math.sin(angle)
-        rotation = step @ rotation
-    return rotation
-
-
-class RandROIRotate(RandomizableTransform):
-    """Rotate a (C, D, H, W) ROI about its centre index (the seed) by random angles, one resample.
-
-    Angles about each of the three axes are uniform in [-max_angle, +max_angle] degrees; sampling is
-    trilinear with ``pad_value`` (air) where the rotated cube leaves the ROI.
-
-    Args:
-        max_angle: largest angle per axis in degrees (10).
-        prob: probability of rotating.
-        pad_value: value outside the ROI (HU).
-    """
-
-    def __init__(self, max_angle: float = 10.0, prob: float = 0.5, pad_value: float = -1000.0) -> None:
-        super().__init__(prob)
-        self.max_angle = float(max_angle)
-        self.pad_value = float(pad_value)
-        self._angles = np.zeros(3)
-
-    def randomize(self, data: Any = None) -> None:
-        super().randomize(None)
-        angles = self.R.uniform(-self.max_angle, self.max_angle, size=3)
-        self._angles = np.deg2rad(angles) if self._do_transform else np.zeros(3)
-
-    def __call__(self, img: torch.Tensor, randomize: bool = True) -> torch.Tensor:  # type: ignore[override]
-        """Rotate ``img`` (C, D, H, W) with the drawn angles (unchanged when not drawn)."""
-        if randomize:
-            self.randomize()
-        img = _plain(img)
-        if not np.any(self._angles):
-            return img
-        shape = tuple(int(n) for n in img.shape[1:])
-        centre = np.asarray(shape, dtype=np.float64) // 2
-        index_map = np.eye(4)
-        rotation = _rotation_matrix(self._angles)
-        index_map[:3, :3] = rotation
-        index_map[:3, 3] = centre - rotation @ centre
-        channels = [_sample_linear(channel, shape, index_map, self.pad_value) for channel in img]
-        return torch.stack(channels)
-
-
-class RandROIRotated(_RandDictTwin):
-    """Dictionary twin of :class:`RandROIRotate` (same rotation for every key).
-
-    Args:
-        keys: keys of the ROIs.
-        max_angle: largest angle per axis in degrees.
-        prob: probability of rotating.
-        pad_value: value outside the ROI (HU).
-        allow_missing_keys: skip absent keys instead of raising.
-    """
-
-    def __init__(
-        self,
-        keys: KeysCollection = "image",
-        max_angle: float = 10.0,
-        prob: float = 0.5,
-        pad_value: float = -1000.0,
-        allow_missing_keys: bool = False,
-    ) -> None:
-        super().__init__(
-            keys, RandROIRotate(max_angle=max_angle, prob=prob, pad_value=pad_value), allow_missing_keys
-        )
-
-
-class RandROIShift(RandomizableTransform):
-    """Shift a (C, D, H, W) ROI by whole voxels, uniform in [-max_shift, +max_shift] per axis.
-
-    The crop jitter of the paper (+-5 px at 1 mm) applied to an already cropped ROI, so the crop can
-    be cached: integer shifts are exact (no resampling); the uncovered border gets ``pad_value``.
-    The planes then pass up to ``max_shift`` mm from the seed, as in the authors' jittered crops.
-
-    Args:
-        max_shift: largest shift per axis in voxels (= mm for the 1 mm ROI).
-        prob: probability of shifting.
-        pad_value: value of the uncovered border (HU).
-    """
-
-    def __init__(self, max_shift: int = 5, prob: float = 1.0, pad_value: float = -1000.0) -> None:
-        super().__init__(prob)
-        self.max_shift = int(max_shift)
-        self.pad_value = float(pad_value)
-        self._shift = (0, 0, 0)
-
-    def randomize(self, data: Any = None) -> None:
-        super().randomize(None)
-        draw = self.R.randint(-self.max_shift, self.max_shift + 1, size=3)
-        self._shift = tuple(int(v) for v in draw) if self._do_transform else (0, 0, 0)
-
-    def __call__(self, img: torch.Tensor, randomize: bool = True) -> torch.Tensor:  # type: ignore[override]
-        """Shift ``img`` (C, D, H, W) by the drawn voxels: output[i] = input[i - shift]."""
-        if randomize:
-            self.randomize()
-        img = _plain(img)
-        if not any(self._shift):
-            return img
-        shifted = torch.full_like(img, self.pad_value)
-        target, source = [slice(None)], [slice(None)]
-        for shift, size in zip(self._shift, img.shape[1:], strict=True):
-            target.append(slice(max(shift, 0), size + min(shift, 0)))
-            source.append(slice(max(-shift, 0), size - max(shift, 0)))
-        shifted[tuple(target)] = img[tuple(source)]
-        return shifted
-
-
-class RandROIShiftd(_RandDictTwin):
-    """Dictionary twin of :class:`RandROIShift` (same shift for every key).
-
-    Args:
-        keys: keys of the ROIs.
-        max_shift: largest shift per axis in voxels.
-        prob: probability of shifting.
-        pad_value: value of the uncovered border (HU).
-        allow_missing_keys: skip absent keys instead of raising.
-    """
-
-    def __init__(
-        self,
-        keys: KeysCollection = "image",
-        max_shift: int = 5,
-        prob: float = 1.0,
-        pad_value: float = -1000.0,
-        allow_missing_keys: bool = False,
-    ) -> None:
-        shift = RandROIShift(max_shift=max_shift, prob=prob, pad_value=pad_value)
-        super().__init__(keys, shift, allow_missing_keys)
-
-
-class RandPlaneGaussianNoise(RandGaussianNoise):
-    """:class:`monai.transforms.RandGaussianNoise` with the paper's default: std 0.02 (fixed).
-
-    Args:
-        prob: probability of adding noise.
-        std: noise standard deviation on the [0, 1] scale.
-    """
-
-    def __init__(self, prob: float = 0.5, std: float = 0.02) -> None:
-        super().__init__(prob=prob, mean=0.0, std=std, sample_std=False)
-
-
-class RandPlaneGaussianNoised(RandGaussianNoised):
-    """:class:`monai.transforms.RandGaussianNoised` with the paper's default: std 0.02 (fixed).
-
-    Args:
-        keys: keys of the planes.
-        prob: probability of adding noise.
-        std: noise standard deviation on the [0, 1] scale.
-        allow_missing_keys: skip absent keys instead of raising.
-    """
-
-    def __init__(
-        self,
-        keys: KeysCollection = "image",
-        prob: float = 0.5,
-        std: float = 0.02,
-        allow_missing_keys: bool = False,
-    ) -> None:
-        super().__init__(
-            keys, prob=prob, mean=0.0, std=std, sample_std=False, allow_missing_keys=allow_missing_keys
-        )
-
-
-class RandPlaneGamma(RandAdjustContrast):
-    """:class:`monai.transforms.RandAdjustContrast` with the paper's default gamma range 0.8 .. 1.2.
-
-    Args:
-        prob: probability of adjusting.
-        gamma: (low, high) range of the gamma exponent.
-    """
-
-    def __init__(self, prob: float = 0.5, gamma: tuple[float, float] = (0.8, 1.2)) -> None:
-        super().__init__(prob=prob, gamma=gamma)
-
-
-class RandPlaneGammad(RandAdjustContrastd):
-    """:class:`monai.transforms.RandAdjustContrastd` with the paper's default gamma range 0.8 .. 1.2.
-
-    Args:
-        keys: keys of the planes.
-        prob: probability of adjusting.
-        gamma: (low, high) range of the gamma exponent.
-        allow_missing_keys: skip absent keys instead of raising.
-    """
-
-    def __init__(
-        self,
-        keys: KeysCollection = "image",
-        prob: float = 0.5,
-        gamma: tuple[float, float] = (0.8, 1.2),
-        allow_missing_keys: bool = False,
-    ) -> None:
-        super().__init__(keys, prob=prob, gamma=gamma, allow_missing_keys=allow_missing_keys)
 
 
 # --------------------------------------------------------------------------------------------------
