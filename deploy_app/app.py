@@ -21,11 +21,12 @@ from pathlib import Path
 
 from holoscan.conditions import CountCondition
 from monai.deploy.core import Application
-from monai.deploy.operators import DICOMDataLoaderOperator, DICOMSeriesSelectorOperator
+from monai.deploy.operators import DICOMSeriesSelectorOperator
 
 from deploy_app.inference import BundleModels
 from deploy_app.operators import (
     AppOutcome,
+    CheckedDICOMDataLoaderOperator,
     NoduleSeedsOperator,
     ReportWritersOperator,
     SemanticCLIPInferenceOperator,
@@ -119,7 +120,7 @@ class SemanticCLIPApp(Application):
             self.output_folder = self.output_folder or Path(context.output_path)
             self.models = self.models or BundleModels.load(Path(context.model_path))
         rules, min_slices = read_series_rules(self.rules_file)
-        loader = DICOMDataLoaderOperator(
+        loader = CheckedDICOMDataLoaderOperator(
             self,
             CountCondition(self, 1),
             input_folder=self.input_folder,

@@ -16,15 +16,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pydicom
 from monai.deploy.core import Fragment, Operator, OperatorSpec
-from monai.deploy.operators import DICOMSeriesToVolumeOperator
+from monai.deploy.operators import DICOMDataLoaderOperator, DICOMSeriesToVolumeOperator
+from pydicom.errors import InvalidDicomError
 
 from deploy_app.findings import SeriesResult, SkippedSeed
 from deploy_app.inference import BundleModels, analyse_nodules
 from deploy_app.report import DEFAULT_WRITERS, ReportInput, ReportWriter
 from deploy_app.result_folders import new_staging_folder, place_results
 from deploy_app.seeds import DEFAULT_SOURCES, MAX_SEEDS_PER_SERIES, CTSeriesInfo, SeedSource, find_seeds
-from deploy_app.uids import check_uid, path_inside
+from deploy_app.uids import check_uid, path_inside, short_text
 from deploy_app.volume import (
     SeriesFailure,
     SeriesGeometry,
@@ -81,6 +83,33 @@ def _user_failure(series: str, error: BaseException) -> SeriesFailure:
         raise error
     logger.error("%s: %s", series, user_error)
     return SeriesFailure(series=series, message=str(user_error))
+
+
+class CheckedDICOMDataLoaderOperator(DICOMDataLoaderOperator):
+    """The SDK's DICOM loader, skipping (with a warning naming the file) files pydicom cannot read.
+
+    The SDK's loader ignores files that are not DICOM but lets any other reading error stop the
+    whole run (e.g. pydicom's TypeError on a SpecificCharacterSet that is not text). Each file's
+    header is read here first (without pixel data, so cheaply); only readable files go on to the
+    SDK's own loading, which groups them into studies and series.
+    """
+
+    def _load_data(self, files: list) -> list:  # the SDK's one per-file step; its name is private
+        return super()._load_data([file for file in files if _readable_dicom(file)])
+
+
+def _readable_dicom(file) -> bool:
+    try:
+        pydicom.dcmread(file, stop_before_pixels=True)
+        return True
+    except InvalidDicomError:
+        return True  # not DICOM at all: the SDK's loader ignores it, with its own log line
+    except Exception as error:  # any other reading failure is this file's problem only
+        logger.warning("ignored '%s': it cannot be read as DICOM (%s)", file, short_text(error))
+        return False
+    finally:
+        if hasattr(file, "seek"):
+            file.seek(0)
 
 
 class SeriesVolumesOperator(DICOMSeriesToVolumeOperator):
@@ -190,6 +219,9 @@ class SeriesVolumesOperator(DICOMSeriesToVolumeOperator):
         return rescale_to_hu(stored_values_releasing_pixel_data(datasets), slope, intercept)
 
     def _voxels(self, series, geometry: SeriesGeometry, name: str):
+        missing = next((d for d in geometry.datasets if "PixelData" not in d), None)
+        if missing is not None:
+            raise _undecodable(name, missing, ValueError("the instance has no Pixel Data"))
         try:
             return self.generate_voxel_data(series)
         except UndecodableSlice as error:
@@ -206,11 +238,11 @@ class SeriesVolumesOperator(DICOMSeriesToVolumeOperator):
 
 
 def _undecodable(name: str, dataset, error: BaseException | None) -> UserInputError:
-    syntax = getattr(dataset.file_meta, "TransferSyntaxUID", None)
+    syntax = getattr(getattr(dataset, "file_meta", None), "TransferSyntaxUID", None)
     return UserInputError(
         f"{name}: instance {dataset.get('InstanceNumber', '?')} "
         f"({dataset.SOPInstanceUID}): pixel data cannot be decoded "
-        f"(transfer syntax {getattr(syntax, 'name', syntax)}): {error}; "
+        f"(transfer syntax {getattr(syntax, 'name', syntax)}): {short_text(error)}; "
         "send it uncompressed or with a transfer syntax pydicom can decode"
     )
 

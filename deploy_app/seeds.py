@@ -71,7 +71,8 @@ from deploy_app.findings import NoduleSeed, SkippedSeed
 from deploy_app.sr import (
     series_identity,
 )
-from deploy_app.volume import SeriesGeometry
+from deploy_app.uids import shown_value
+from deploy_app.volume import SeriesGeometry, describe_series
 from scripts.errors import UserInputError
 from scripts.geometry import format_extent_lps, seed_inside_scan, volume_extent_lps
 
@@ -170,6 +171,22 @@ def _plane_of(ds: pydicom.Dataset) -> ImagePlane:
     )
 
 
+def _identity_error(datasets: Sequence[pydicom.Dataset]) -> UserInputError:
+    """The first slice whose study, series or frame of reference UID is empty or not the first slice's."""
+    first = datasets[0]
+    for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "FrameOfReferenceUID"):
+        expected = str(first.get(keyword, ""))
+        for ds in datasets:
+            value = str(ds.get(keyword, ""))
+            if not value or value != expected:
+                return UserInputError(
+                    f"{describe_series(first)}: instance {ds.get('InstanceNumber', '?')} has {keyword} "
+                    f"{shown_value(ds.get(keyword))}, not one shared by every slice of the series; the "
+                    "seeds and results could not be placed in one frame of reference"
+                )
+    return UserInputError(f"{describe_series(first)}: the slices do not share one study, series and frame")
+
+
 class _ImagePlanes(Mapping[str, ImagePlane]):
     """SOPInstanceUID -> :class:`ImagePlane`, each read from its header when first asked for.
 
@@ -223,9 +240,13 @@ class CTSeriesInfo:
         are read from their headers only when a 2D SCOORD seed asks for one.
 
         Raises:
-            ValueError: the datasets are not of one series.
+            UserInputError: a slice lacks the series' StudyInstanceUID, SeriesInstanceUID or
+                FrameOfReferenceUID, or has another one (names the tag and the instance).
         """
-        identity = series_identity(geometry.datasets)
+        try:
+            identity = series_identity(geometry.datasets)
+        except ValueError as error:
+            raise _identity_error(geometry.datasets) from error
         slices, rows, columns = geometry.shape
         return cls(
             study_instance_uid=identity.study_instance_uid,

@@ -45,6 +45,14 @@ class InvalidUIDError(UserInputError):
         )
 
 
+def short_text(value: object) -> str:
+    """``str(value)``, cut to a length a log line can hold (the full length is said)."""
+    text = str(value)
+    if len(text) <= _SHOWN_CHARACTERS:
+        return text
+    return f"{text[:_SHOWN_CHARACTERS]}... ({len(text)} characters)"
+
+
 def shown_value(value: object) -> str:
     """``repr`` of a hostile header value, cut to a length a log line can hold."""
     text = repr(str(value))

@@ -16,12 +16,15 @@ import numpy as np
 import pydicom
 import torch
 from monai.data import MetaTensor
+from pydicom.multival import MultiValue
 from pydicom.pixels import pixel_array
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-from deploy_app.uids import PATH_UID_KEYWORDS, check_uid, is_valid_uid, shown_value
+from deploy_app.uids import PATH_UID_KEYWORDS, check_uid, is_valid_uid, short_text, shown_value
 from scripts.errors import UserInputError
 
+#: The SOP class of the single-frame CT slices the app reads.
+CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 #: Enhanced CT and Legacy Converted Enhanced CT Image Storage: one instance holds every frame.
 MULTI_FRAME_CT_CLASSES = frozenset({"1.2.840.10008.5.1.4.1.1.2.1", "1.2.840.10008.5.1.4.1.1.2.2"})
 
@@ -64,11 +67,43 @@ class SeriesGeometry:
         return flip @ self.voxel_to_lps
 
 
+def _value_or(dataset: pydicom.Dataset, keyword: str, default: object) -> object:
+    """``dataset.get(keyword, default)``, or ``default`` when pydicom cannot convert the value's
+    bytes (for naming a series or an instance; :func:`check_series_geometry` refuses such a value)."""
+    try:
+        return dataset.get(keyword, default)
+    except Exception:  # pydicom's conversion of hostile bytes; _check_readable reports it
+        return default
+
+
+def _convert_all(element: pydicom.DataElement) -> None:
+    """Convert the items of a sequence, to the last nested element."""
+    if element.VR == "SQ":
+        for item in element.value:
+            for nested in item:
+                _convert_all(nested)
+
+
+def _check_readable(dataset: pydicom.Dataset, who: str) -> None:
+    """Convert every element of a slice from its bytes now, so that a value pydicom cannot read (a
+    wrong VR, a length that is no multiple of the value size, a sequence of garbage) is refused
+    naming the tag."""
+    for tag in list(dataset.keys()):
+        try:
+            _convert_all(dataset[tag])
+        except Exception as error:
+            keyword = pydicom.datadict.keyword_for_tag(tag) or str(tag)
+            raise UserInputError(
+                f"{who}: instance {_value_or(dataset, 'InstanceNumber', '?')}: {keyword} cannot be read "
+                f"({type(error).__name__}: {shown_value(error)}); the header is corrupt"
+            ) from error
+
+
 def describe_series(dataset: pydicom.Dataset) -> str:
     """How messages name a series (no patient data): number, description and UID."""
-    number = dataset.get("SeriesNumber", "?")
-    description = str(dataset.get("SeriesDescription", "") or "no description")
-    uid = dataset.get("SeriesInstanceUID")
+    number = _value_or(dataset, "SeriesNumber", "?")
+    description = short_text(_value_or(dataset, "SeriesDescription", "") or "no description")
+    uid = _value_or(dataset, "SeriesInstanceUID", None)
     shown_uid = str(uid) if is_valid_uid(uid) else f"invalid UID {shown_value(uid)}"
     return f"series {number} '{description}' ({shown_uid})"
 
@@ -76,13 +111,15 @@ def describe_series(dataset: pydicom.Dataset) -> str:
 def _vector(dataset: pydicom.Dataset, keyword: str, size: int, who: str) -> np.ndarray:
     value = dataset.get(keyword)
     try:
+        if any(isinstance(v, (str, bytes)) for v in value):  # type: ignore[union-attr]
+            raise TypeError("text, not numbers (a text VR): the SDK's slice sorting needs numbers")
         vector = np.asarray([float(v) for v in value], dtype=np.float64)  # type: ignore[union-attr]
     except (TypeError, ValueError):
         vector = np.empty(0)
     if vector.shape != (size,) or not np.isfinite(vector).all():
         raise UserInputError(
             f"{who}: instance {dataset.get('InstanceNumber', '?')} has no valid {keyword} "
-            f"({size} numbers expected, got {value!r}); the series cannot be placed in the patient"
+            f"({size} numbers expected, got {shown_value(value)}); the series cannot be placed in the patient"
         )
     return vector
 
@@ -132,8 +169,8 @@ def check_rescale(dataset: pydicom.Dataset, who: str) -> tuple[float, float]:
             value = math.nan
         if not math.isfinite(value) or abs(value) > limit:
             raise UserInputError(
-                f"{_instance(who, dataset)} has {keyword} {raw!r}; a CT needs a finite value of at most "
-                f"{limit:g} in magnitude"
+                f"{_instance(who, dataset)} has {keyword} {shown_value(raw)}; a CT needs a finite value of "
+                f"at most {limit:g} in magnitude"
             )
         values.append(value)
     if values[0] == 0:
@@ -160,9 +197,9 @@ def check_plausible_hu(voxels: np.ndarray, who: str) -> None:
 
 def is_localizer(dataset: pydicom.Dataset) -> bool:
     """Whether an image is a localizer (topogram, scout): ImageType holds ``LOCALIZER``."""
-    image_type = dataset.get("ImageType")
-    values = [image_type] if isinstance(image_type, str) else list(image_type or ())
-    return any(str(value).strip().upper() == "LOCALIZER" for value in values)
+    image_type = _value_or(dataset, "ImageType", None)
+    values = list(image_type) if isinstance(image_type, (MultiValue, list, tuple)) else [image_type]
+    return any(isinstance(value, str) and value.strip().upper() == "LOCALIZER" for value in values)
 
 
 def _frame_count(dataset: pydicom.Dataset) -> int:
@@ -172,14 +209,39 @@ def _frame_count(dataset: pydicom.Dataset) -> int:
         return 1  # unreadable: leave it to the pixel decoder, which names the instance
 
 
-def _check_single_frame(dataset: pydicom.Dataset, who: str) -> None:
+def _check_single_frame_ct(dataset: pydicom.Dataset, who: str) -> None:
+    """One CT Image Storage slice: not multi-frame (named as such), not another SOP class."""
     frames = _frame_count(dataset)
-    if frames > 1 or dataset.get("SOPClassUID") in MULTI_FRAME_CT_CLASSES:
+    sop_class = str(dataset.get("SOPClassUID", ""))
+    if frames > 1 or sop_class in MULTI_FRAME_CT_CLASSES:
         raise UserInputError(
             f"{_instance(who, dataset)} is a multi-frame (Enhanced) CT image with {frames} frame(s) "
             "(NumberOfFrames); multi-frame CT is not supported: export the series as single-frame "
             "CT Image Storage slices"
         )
+    if sop_class != CT_IMAGE_STORAGE:
+        raise UserInputError(
+            f"{_instance(who, dataset)} has SOPClassUID {shown_value(sop_class)}; the app reads CT Image "
+            f"Storage ({CT_IMAGE_STORAGE}) slices only"
+        )
+
+
+def _matrix_size(dataset: pydicom.Dataset, who: str) -> tuple[int, int]:
+    """(Rows, Columns) of a slice, refused unless both are positive whole numbers."""
+    size = []
+    for keyword in ("Rows", "Columns"):
+        value = dataset.get(keyword)
+        try:
+            number = float(value)  # type: ignore[arg-type]
+        except (TypeError, ValueError):
+            number = math.nan
+        if not (math.isfinite(number) and number >= 1 and number == int(number)):
+            raise UserInputError(
+                f"{_instance(who, dataset)} has {keyword} {shown_value(value)}; a CT slice needs a "
+                "positive whole number of pixels"
+            )
+        size.append(int(number))
+    return size[0], size[1]
 
 
 def check_series_geometry(datasets: Sequence[pydicom.Dataset], *, min_slices: int = 16) -> SeriesGeometry:
@@ -204,7 +266,8 @@ def check_series_geometry(datasets: Sequence[pydicom.Dataset], *, min_slices: in
     who = describe_series(datasets[0])
     first_holder: dict[str, pydicom.Dataset] = {}
     for dataset in datasets:
-        _check_single_frame(dataset, who)
+        _check_readable(dataset, who)
+        _check_single_frame_ct(dataset, who)
         for keyword in PATH_UID_KEYWORDS:
             check_uid(dataset.get(keyword), keyword, _instance(who, dataset))
         check_rescale(dataset, who)
@@ -223,7 +286,7 @@ def check_series_geometry(datasets: Sequence[pydicom.Dataset], *, min_slices: in
     _check_orientation(orientation, _instance(who, datasets[0]))
     spacing = _vector(datasets[0], "PixelSpacing", 2, who)
     _check_pixel_spacing(spacing, _instance(who, datasets[0]))
-    size = (int(datasets[0].get("Rows", 0)), int(datasets[0].get("Columns", 0)))
+    size = _matrix_size(datasets[0], who)
     for dataset in datasets[1:]:
         for keyword, reference in (("ImageOrientationPatient", orientation), ("PixelSpacing", spacing)):
             if not np.allclose(_vector(dataset, keyword, len(reference), who), reference, atol=1e-4):
@@ -232,7 +295,7 @@ def check_series_geometry(datasets: Sequence[pydicom.Dataset], *, min_slices: in
                     f"(instance {dataset.get('InstanceNumber', '?')}); "
                     "a volume needs one orientation and one pixel spacing"
                 )
-        if (int(dataset.get("Rows", 0)), int(dataset.get("Columns", 0))) != size:
+        if _matrix_size(dataset, who) != size:
             raise UserInputError(f"{who}: Rows/Columns differ between slices; a volume needs one matrix size")
     row_direction, column_direction = orientation[:3], orientation[3:]
     normal = np.cross(row_direction, column_direction)
@@ -343,6 +406,9 @@ def stored_values_releasing_pixel_data(datasets: Sequence[pydicom.Dataset]) -> n
             pixels = _native_pixels(dataset)
             if pixels is None:
                 pixels = pixel_array(dataset)  # not Dataset.pixel_array, which keeps a decoded copy
+            header_size = (int(dataset.get("Rows", 0)), int(dataset.get("Columns", 0)))
+            if pixels.shape != header_size:
+                raise ValueError(f"it decodes to {pixels.shape} pixels, not Rows x Columns {header_size}")
             if stored is None:
                 stored = np.empty((len(datasets), *pixels.shape), dtype=pixels.dtype)
             if pixels.shape != stored.shape[1:]:

@@ -9,6 +9,7 @@ import torch
 from pydicom.pixels import pixel_array
 
 from deploy_app.volume import (
+    CT_IMAGE_STORAGE,
     UndecodableSlice,
     _native_pixels,
     check_plausible_hu,
@@ -38,6 +39,7 @@ def headers(
         ds.SeriesNumber = 3
         ds.SeriesDescription = "test"
         ds.SOPInstanceUID = f"1.2.3.{k}"
+        ds.SOPClassUID = CT_IMAGE_STORAGE
         ds.InstanceNumber = k + 1
         ds.ImagePositionPatient = [float(v) for v in position]
         ds.ImageOrientationPatient = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
