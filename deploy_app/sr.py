@@ -2,7 +2,7 @@
 
 Pure functions: :func:`build_measurement_report` turns the CT headers and a
 :class:`~deploy_app.findings.SeriesResult` into a highdicom ``Comprehensive3DSR``;
-:func:`read_measurement_report` reads such a report back (tests, the PACS round trip).
+:func:`deploy_app.sr_reader.read_measurement_report` reads such a report back.
 :func:`nodule_group` and :func:`assemble_report` are the building blocks shared with the seeds SR
 writer :func:`build_seed_sr`, a minimal TID 1500 SR that holds only nodule seed points.
 
@@ -93,7 +93,6 @@ import functools
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import highdicom as hd
@@ -137,8 +136,8 @@ RESEARCH_USE_STATEMENT = (
     "Research use only; not for clinical use. Results have not been reviewed by a physician."
 )
 
-_ALGORITHM_NAME = CodedConcept("111001", "DCM", "Algorithm Name")
-_ALGORITHM_VERSION = CodedConcept("111003", "DCM", "Algorithm Version")
+ALGORITHM_NAME = CodedConcept("111001", "DCM", "Algorithm Name")
+ALGORITHM_VERSION = CodedConcept("111003", "DCM", "Algorithm Version")
 
 
 def coded(code: Code) -> CodedConcept:
@@ -666,149 +665,3 @@ def build_seed_sr(
         software_versions=observer_version,
         is_complete=True,
     )
-
-
-# --------------------------------------------------------------------------------------------------
-# reading
-# --------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ReadFeature:
-    """One semantic finding read back from a report.
-
-    Attributes:
-        value: canonical value name of the vocabulary.
-        probability: the Certainty of Feature, or None when the report has none.
-        code: the value's code as written.
-    """
-
-    value: str
-    probability: float | None
-    code: Code
-
-
-@dataclass(frozen=True)
-class ReadNodule:
-    """One measurement group of a TID 1500 report, as :func:`read_measurement_report` reads it.
-
-    Attributes:
-        label: Tracking Identifier.
-        tracking_uid: Tracking Unique Identifier.
-        position_lps: the SCOORD3D POINT (world LPS mm).
-        frame_of_reference_uid: its Frame of Reference UID.
-        malignancy: Probability of cancer, or None.
-        semantic: feature column -> predicted value, probability and code.
-        algorithm_name: Algorithm Name of the group, or None.
-        algorithm_version: Algorithm Version of the group, or None.
-    """
-
-    label: str
-    tracking_uid: str
-    position_lps: tuple[float, float, float]
-    frame_of_reference_uid: str
-    malignancy: float | None
-    semantic: Mapping[str, ReadFeature]
-    algorithm_name: str | None
-    algorithm_version: str | None
-
-
-def _code_of(concept: CodedConcept | pydicom.Dataset) -> Code:
-    return Code(str(concept.CodeValue), str(concept.CodingSchemeDesignator), str(concept.CodeMeaning))
-
-
-def _same_concept(a: CodedConcept | pydicom.Dataset | Code, b: Code) -> bool:
-    value = a.value if isinstance(a, Code) else str(a.CodeValue)
-    scheme = a.scheme_designator if isinstance(a, Code) else str(a.CodingSchemeDesignator)
-    return value == b.value and scheme == b.scheme_designator
-
-
-def _feature_of_concept(concept: CodedConcept) -> str | None:
-    return next((f.column for f in FEATURES if _same_concept(concept, f.code)), None)
-
-
-def _value_name(column: str, code: Code) -> str | None:
-    feature = FEATURE_BY_COLUMN[column]
-    return next((v.name for v in feature.values if _same_concept(code, v.code)), None)
-
-
-def _group_text(
-    group: hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations, name: CodedConcept
-) -> str | None:
-    """A TEXT child of the group container itself (e.g. the group's algorithm name), if any."""
-    for item in group[0].ContentSequence:
-        if item.ValueType == "TEXT" and _same_concept(item.ConceptNameCodeSequence[0], _code_of(name)):
-            return str(item.TextValue)
-    return None
-
-
-def _measurement_modifier(measurement: hd.sr.Measurement) -> tuple[str, Code] | None:
-    """(feature column, value code) of a Certainty of Feature measurement's concept modifier."""
-    for item in getattr(measurement[0], "ContentSequence", []):
-        if item.ValueType != "CODE" or item.RelationshipType != "HAS CONCEPT MOD":
-            continue
-        column = _feature_of_concept(item.ConceptNameCodeSequence[0])
-        if column is not None:
-            return column, _code_of(item.ConceptCodeSequence[0])
-    return None
-
-
-def _read_group(group: hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations) -> ReadNodule:
-    roi = group.roi
-    if not isinstance(roi, hd.sr.ImageRegion3D):
-        raise ValueError(f"measurement group '{group.tracking_identifier}' has no SCOORD3D region")
-    points = np.asarray(roi.value, dtype=np.float64).reshape(-1, 3)
-    centre = points.mean(axis=0)
-    malignancy = None
-    probabilities: dict[str, tuple[Code, float]] = {}
-    for measurement in group.get_measurements():
-        if _same_concept(measurement.name, _code_of(PROBABILITY_OF_CANCER)):
-            malignancy = float(measurement.value)
-        elif _same_concept(measurement.name, _code_of(CERTAINTY_OF_FEATURE)):
-            modifier = _measurement_modifier(measurement)
-            if modifier is not None:
-                probabilities[modifier[0]] = (modifier[1], float(measurement.value))
-    semantic: dict[str, ReadFeature] = {}
-    for evaluation in group.get_qualitative_evaluations():
-        column = _feature_of_concept(evaluation.name)
-        if column is None:
-            continue
-        code = _code_of(evaluation.value)
-        value = _value_name(column, code)
-        if value is None:
-            raise ValueError(f"feature '{column}' has a value code not in the vocabulary: {code}")
-        paired = probabilities.get(column)
-        probability = paired[1] if paired is not None and _same_concept(paired[0], code) else None
-        semantic[column] = ReadFeature(value=value, probability=probability, code=code)
-    return ReadNodule(
-        label=str(group.tracking_identifier),
-        tracking_uid=str(group.tracking_uid),
-        position_lps=(float(centre[0]), float(centre[1]), float(centre[2])),
-        frame_of_reference_uid=str(roi.frame_of_reference_uid),
-        malignancy=malignancy,
-        semantic=semantic,
-        algorithm_name=_group_text(group, _ALGORITHM_NAME),
-        algorithm_version=_group_text(group, _ALGORITHM_VERSION),
-    )
-
-
-def read_measurement_report(source: str | Path | pydicom.Dataset) -> list[ReadNodule]:
-    """Read the nodules of a TID 1500 report written by :func:`build_measurement_report`.
-
-    Args:
-        source: a file path or a dataset (Comprehensive 3D SR).
-
-    Returns:
-        One :class:`ReadNodule` per planar ROI measurement group with a SCOORD3D region, in document
-        order.
-
-    Raises:
-        ValueError: the dataset is not a Comprehensive 3D SR with a TID 1500 root.
-    """
-    dataset = source if isinstance(source, pydicom.Dataset) else pydicom.dcmread(source)
-    document = hd.sr.Comprehensive3DSR.from_dataset(dataset, copy=True)
-    content = document.content
-    if not isinstance(content, hd.sr.MeasurementReport):
-        raise ValueError("the SR's root is not a TID 1500 Measurement Report")
-    groups = content.get_planar_roi_measurement_groups()
-    return [_read_group(group) for group in groups if isinstance(group.roi, hd.sr.ImageRegion3D)]

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO_ROOT
-from deploy_app.sr import read_measurement_report
+from deploy_app.sr_reader import read_measurement_report
 
 
 @pytest.mark.slow

@@ -23,7 +23,7 @@ from deploy_app.__main__ import main as cli_main
 from deploy_app.app import process_folder
 from deploy_app.findings import NoduleSeed
 from deploy_app.inference import BundleModels
-from deploy_app.sr import read_measurement_report
+from deploy_app.sr_reader import read_measurement_report
 from scripts.calibration import BetaCalibration, save_calibration
 from scripts.errors import UserInputError
 from scripts.transforms import LoadCT, nine_planes_for_seeds

@@ -37,7 +37,7 @@ from deploy_app.pacs import (
     enable_tcp_nodelay,
     run_listener,
 )
-from deploy_app.sr import read_measurement_report
+from deploy_app.sr_reader import read_measurement_report
 from scripts.errors import UserInputError
 from scripts.transforms import LoadCT, nine_planes_for_seeds
 from training.demo_bundle import build_untrained_bundle

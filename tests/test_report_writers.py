@@ -23,7 +23,7 @@ from deploy_app.report import (
     render_montage,
     render_report_pdf,
 )
-from deploy_app.sr import read_measurement_report
+from deploy_app.sr_reader import read_measurement_report
 from training.demo_bundle import build_untrained_bundle
 from training.dicom_ct import CTGeometry, SyntheticPatient, write_ct_series
 

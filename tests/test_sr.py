@@ -29,8 +29,8 @@ from deploy_app.sr import (
     device_observer_uid,
     nodule_group,
     private_coding_scheme,
-    read_measurement_report,
 )
+from deploy_app.sr_reader import read_measurement_report
 from scripts.vocabulary import FEATURES, PRIVATE_SCHEME
 from training.dicom_ct import CTGeometry, SyntheticPatient, write_ct_series
 
