@@ -17,10 +17,7 @@ from pathlib import Path
 # Holoscan's C++ runtime logs every graph step at INFO; keep its warnings only (before it is imported).
 os.environ.setdefault("HOLOSCAN_LOG_LEVEL", "WARN")
 
-from deploy_app.app import process_folder
-from deploy_app.findings import results_table
-from deploy_app.seeds import MAX_SEEDS_PER_SERIES
-from scripts.errors import UserInputError, user_message
+from deploy_app.limits import MAX_SEEDS_PER_SERIES
 
 EXIT_OK, EXIT_INPUT, EXIT_PARTIAL = 0, 2, 3
 _ENV = {"input": "HOLOSCAN_INPUT_PATH", "output": "HOLOSCAN_OUTPUT_PATH", "model": "HOLOSCAN_MODEL_PATH"}
@@ -58,7 +55,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    args = parse_args(argv)  # first: --help and a bad argument answer before MONAI and torch load
+    from deploy_app.app import process_folder
+    from deploy_app.findings import results_table
+    from scripts.errors import UserInputError, user_message
+
     # The SDK operators log each matching step on the root logger: show only warnings from them.
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("deploy_app").setLevel(args.log_level)

@@ -24,6 +24,7 @@ import pytest
 from pydicom.uid import generate_uid
 
 import deploy_app.__main__ as cli
+import deploy_app.app
 from demo.study import write_demo_study
 from deploy_app.app import process_folder
 from deploy_app.findings import NoduleResult, NoduleSeed
@@ -101,7 +102,9 @@ def test_a_full_disk_fails_that_series_only_and_leaves_nothing_half_written(
 ) -> None:
     failing, kept = series_uid(two_series / "ct"), series_uid(two_series / "ct_copy")
     writers = (*DEFAULT_WRITERS, DiskFullWriter(failing))
-    monkeypatch.setattr(cli, "process_folder", functools.partial(process_folder, report_writers=writers))
+    monkeypatch.setattr(
+        deploy_app.app, "process_folder", functools.partial(process_folder, report_writers=writers)
+    )
     output = tmp_path / "out"
 
     code = cli.main(["-i", str(two_series), "-o", str(output), "-m", str(bundle)])
@@ -120,7 +123,9 @@ def test_exit_2_when_every_series_fails(
         DiskFullWriter(series_uid(two_series / "ct")),
         DiskFullWriter(series_uid(two_series / "ct_copy")),
     )
-    monkeypatch.setattr(cli, "process_folder", functools.partial(process_folder, report_writers=writers))
+    monkeypatch.setattr(
+        deploy_app.app, "process_folder", functools.partial(process_folder, report_writers=writers)
+    )
     assert cli.main(["-i", str(two_series), "-o", str(tmp_path / "out"), "-m", str(bundle)]) == cli.EXIT_INPUT
     assert list((tmp_path / "out").iterdir()) == []
 

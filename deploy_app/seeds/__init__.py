@@ -44,7 +44,8 @@ Non-DICOM files in the input folder are ignored. :class:`SeedSource` is the prot
 that an automatic nodule detector can be added in front of (or after) these.
 """
 
-from deploy_app.seeds.checks import MAX_LABEL_CHARACTERS, MAX_SEEDS_PER_SERIES, check_seeds, find_seeds
+from deploy_app.limits import MAX_SEEDS_PER_SERIES
+from deploy_app.seeds.checks import MAX_LABEL_CHARACTERS, check_seeds, find_seeds
 from deploy_app.seeds.ct_series import CTSeriesInfo, ImagePlane
 from deploy_app.seeds.sources import (
     DEFAULT_SOURCES,

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from deploy_app.findings import NoduleSeed, SkippedSeed
+from deploy_app.limits import MAX_SEEDS_PER_SERIES
 from deploy_app.seeds.ct_series import CTSeriesInfo
 from deploy_app.seeds.sources import DEFAULT_SOURCES, SeedSource
 from scripts.errors import UserInputError
@@ -18,9 +19,6 @@ from scripts.errors import UserInputError
 logger = logging.getLogger(__name__)
 
 _DUPLICATE_DISTANCE_MM = 1e-3
-#: Most seeds analysed per series unless the caller raises it: each costs a model batch row and a
-#: report section, so a runaway detector or a hostile seeds file cannot exhaust the machine.
-MAX_SEEDS_PER_SERIES = 200
 #: Longest seed label kept (the DICOM LO length): it is the SR's Tracking Identifier and a report heading.
 MAX_LABEL_CHARACTERS = 64
 
