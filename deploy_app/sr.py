@@ -9,7 +9,8 @@ writer :func:`build_seed_sr`, a minimal TID 1500 SR that holds only nodule seed 
 Document
 --------
 - SOP class Comprehensive 3D SR, root template TID 1500, title (126000, DCM, "Imaging Measurement
-  Report"), language en-US, procedure reported (169069000, SCT, "CT of chest").
+  Report"), language en-US, procedure reported (25045-6, LN, "CT unspecified body region") from CID 100
+  (which has no chest CT code).
 - Patient and study attributes are copied from the CT by highdicom. Every instance of the CT series
   is listed as evidence (Current Requested Procedure Evidence Sequence): the report is about the
   series as a whole (the model reads a 100 mm cube, i.e. dozens of slices, around each seed), and a
@@ -36,25 +37,24 @@ Tracking Unique Identifier (112040, DCM)      the seed's tracking UID when it ca
                                               Instance UID and the nodule's index
 Finding (121071, DCM)                         (27925004, SCT, "Nodule")
 Finding Site (363698007, SCT)                 (39607008, SCT, "Lung")
-Algorithm Name / Version (TID 4019)           bundle name / version, family (123110, DCM,
-                                              "Artificial Intelligence"), parameters ``folds=K``,
-                                              ``calibrated=yes|no``
-Image Region (111030, DCM), SCOORD3D POINT    the seed, world LPS mm (Graphic Data is FL, i.e. float32:
-                                              about 1e-5 mm at chest coordinates), in the CT's Frame of
-                                              Reference; Geometric purpose of region (130400, DCM) =
-                                              (111010, DCM, "Center")
 NUM (111047, DCM, "Probability of cancer")    the malignancy probability, units (1, UCUM, "no units");
                                               Derivation (121401, DCM) = (373098007, SCT, "Mean") when
-                                              it is the uncalibrated mean of several folds; algorithm
-                                              identification as above
+                                              it is the uncalibrated mean of several folds; TID 4019
+                                              Algorithm Name / Version: bundle name / version, family
+                                              (123110, DCM, "Artificial Intelligence"), parameters
+                                              ``folds=K``, ``calibrated=yes|no``
 NUM (111011, DCM, "Certainty of Feature")     one per semantic feature: the probability of the
                                               predicted value (units "1"), with the feature and value as
                                               TID 300's concept modifier ($ModType/$ModValue): HAS
-                                              CONCEPT MOD CODE (feature concept) = (value code); the
-                                              group's algorithm identification applies (TID 300's own
-                                              is optional: repeated in all 17 it made up half the SR)
+                                              CONCEPT MOD CODE (feature concept) = (value code); no
+                                              algorithm identification of its own (optional in TID
+                                              300: repeated in all 17 it made up half the SR; the
+                                              device observer names the algorithm)
 CODE (feature concept) = (value code)         one per semantic feature: the qualitative evaluation
                                               (concept and value codes from scripts.vocabulary)
+Image Region (111030, DCM), SCOORD3D POINT    the seed, world LPS mm (Graphic Data is FL, i.e. float32:
+                                              about 1e-5 mm at chest coordinates), in the CT's Frame of
+                                              Reference
 ============================================  =========================================================
 
 Why "Certainty of Feature": a TID 1501 qualitative evaluation is a bare CODE item without a number.
@@ -115,14 +115,13 @@ DEMO_SERIES_DESCRIPTION = "UNTRAINED DEMO - semantic CLIP nodule SR (research us
 DEFAULT_MANUFACTURER = "lung_nodule_ct_semantic_clip contributors"
 """Manufacturer written into the SR (equipment module and device observer)."""
 
-PROCEDURE_CT_CHEST = CodedConcept("169069000", "SCT", "CT of chest")
+PROCEDURE_REPORTED = CodedConcept.from_code(codes.cid100.CTUnspecifiedBodyRegion)
 """Procedure reported (TID 1500 row 4, CID 100 is extensible)."""
 FINDING_NODULE = CodedConcept.from_code(codes.SCT.Nodule)
 FINDING_SITE_LUNG = CodedConcept.from_code(codes.SCT.Lung)
 PROBABILITY_OF_CANCER = CodedConcept.from_code(codes.DCM.ProbabilityOfCancer)
 CERTAINTY_OF_FEATURE = CodedConcept.from_code(codes.DCM.CertaintyOfFeature)
 NO_UNITS = CodedConcept.from_code(codes.UCUM.NoUnits)
-CENTER = CodedConcept.from_code(codes.DCM.Center)
 COMMENT = CodedConcept.from_code(codes.DCM.Comment)
 MEAN = CodedConcept.from_code(codes.SCT.Mean)
 QUALITATIVE_EVALUATIONS = CodedConcept("C0034375", "UMLS", "Qualitative Evaluations")
@@ -281,12 +280,15 @@ def nodule_group(
     *,
     measurements: Sequence[hd.sr.Measurement] = (),
     evaluations: Sequence[hd.sr.QualitativeEvaluation] = (),
-    algorithm: hd.sr.AlgorithmIdentification | None = None,
 ) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations:
     """One TID 1410 measurement group: tracking ids, Nodule in Lung, the seed as a SCOORD3D POINT.
 
-    The items come in highdicom's order: tracking identifiers, finding, finding site, algorithm
-    identification, measurements, qualitative evaluations, geometric purpose, image region.
+    The items come in highdicom's order: tracking identifiers, finding, finding site, measurements,
+    qualitative evaluations, image region. The group carries no algorithm identification and no
+    geometric purpose of its own (both optional in TID 1410): highdicom's
+    ``get_qualitative_evaluations()`` returns every CODE child of the group, so either would be read
+    back as a finding. The algorithm is identified on the probability of cancer (TID 300) and, for
+    the whole document, by the device observer.
 
     Args:
         seed: the nodule seed (its position is world LPS mm in ``frame_of_reference_uid``).
@@ -294,7 +296,6 @@ def nodule_group(
         tracking_uid: the group's Tracking Unique Identifier.
         measurements: TID 300 measurements of the group (none may carry SCOORD/SCOORD3D items).
         evaluations: qualitative evaluations of the group.
-        algorithm: algorithm identification of the whole group (None for human seeds).
     """
     point = np.asarray([seed.position_lps], dtype=np.float64)
     region = hd.sr.ImageRegion3D(
@@ -307,16 +308,14 @@ def nodule_group(
         referenced_region=region,
         finding_type=FINDING_NODULE,
         finding_sites=[hd.sr.FindingSite(anatomic_location=FINDING_SITE_LUNG)],
-        algorithm_id=algorithm,
-        geometric_purpose=CENTER,
     )
     if measurements or evaluations:
         # Added here rather than through the constructor, which searches every measurement's
         # subtree twice for coordinates (half the cost of a results group; ours carry none). The
-        # constructor would put them right before the geometric purpose and the region, the last two.
+        # constructor would put them right before the region, the last item.
         content = group[0].ContentSequence
         items = [item for template in (*measurements, *evaluations) for item in template]
-        group[0].ContentSequence = [*content[:-2], *items, *content[-2:]]
+        group[0].ContentSequence = [*content[:-1], *items, *content[-1:]]
     return group
 
 
@@ -379,7 +378,7 @@ def assemble_report(
         raise ValueError("a TID 1500 measurement report needs at least one measurement group")
     report = hd.sr.MeasurementReport(
         observation_context=observation_context,
-        procedure_reported=PROCEDURE_CT_CHEST,
+        procedure_reported=PROCEDURE_REPORTED,
         imaging_measurements=list(groups),
         title=codes.cid7021.ImagingMeasurementReport,
         language_of_content_item_and_descendants=hd.sr.LanguageOfContentItemAndDescendants(
@@ -520,7 +519,6 @@ def nodule_result_group(
         tracking_uid,
         measurements=measurements,
         evaluations=evaluations,
-        algorithm=algorithm,
     )
 
 

@@ -47,7 +47,7 @@ class ReadNodule:
         frame_of_reference_uid: its Frame of Reference UID.
         malignancy: Probability of cancer, or None.
         semantic: feature column -> predicted value, probability and code.
-        algorithm_name: Algorithm Name of the group, or None.
+        algorithm_name: Algorithm Name on the probability of cancer, or None.
         algorithm_version: Algorithm Version of the group, or None.
     """
 
@@ -80,13 +80,11 @@ def _value_name(column: str, code: Code) -> str | None:
     return next((v.name for v in feature.values if _same_concept(code, v.code)), None)
 
 
-def _group_text(
-    group: hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations, name: CodedConcept
-) -> str | None:
-    """A TEXT child of the group container itself (e.g. the group's algorithm name), if any."""
-    for item in group[0].ContentSequence:
-        if item.ValueType == "TEXT" and _same_concept(item.ConceptNameCodeSequence[0], _code_of(name)):
-            return str(item.TextValue)
+def _child_text(item: pydicom.Dataset, name: CodedConcept) -> str | None:
+    """A TEXT child of a content item (e.g. a measurement's algorithm name), if any."""
+    for child in getattr(item, "ContentSequence", []):
+        if child.ValueType == "TEXT" and _same_concept(child.ConceptNameCodeSequence[0], _code_of(name)):
+            return str(child.TextValue)
     return None
 
 
@@ -107,11 +105,13 @@ def _read_group(group: hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations) -> 
         raise ValueError(f"measurement group '{group.tracking_identifier}' has no SCOORD3D region")
     points = np.asarray(roi.value, dtype=np.float64).reshape(-1, 3)
     centre = points.mean(axis=0)
-    malignancy = None
+    malignancy = algorithm_name = algorithm_version = None
     probabilities: dict[str, tuple[Code, float]] = {}
     for measurement in group.get_measurements():
         if _same_concept(measurement.name, _code_of(PROBABILITY_OF_CANCER)):
             malignancy = float(measurement.value)
+            algorithm_name = _child_text(measurement[0], ALGORITHM_NAME)
+            algorithm_version = _child_text(measurement[0], ALGORITHM_VERSION)
         elif _same_concept(measurement.name, _code_of(CERTAINTY_OF_FEATURE)):
             modifier = _measurement_modifier(measurement)
             if modifier is not None:
@@ -135,8 +135,8 @@ def _read_group(group: hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations) -> 
         frame_of_reference_uid=str(roi.frame_of_reference_uid),
         malignancy=malignancy,
         semantic=semantic,
-        algorithm_name=_group_text(group, ALGORITHM_NAME),
-        algorithm_version=_group_text(group, ALGORITHM_VERSION),
+        algorithm_name=algorithm_name,
+        algorithm_version=algorithm_version,
     )
 
 

@@ -31,7 +31,7 @@ from deploy_app.sr import (
     private_coding_scheme,
 )
 from deploy_app.sr_reader import read_measurement_report
-from scripts.vocabulary import FEATURES, PRIVATE_SCHEME
+from scripts.vocabulary import FEATURE_BY_COLUMN, FEATURES, PRIVATE_SCHEME
 from training.dicom_ct import CTGeometry, SyntheticPatient, write_ct_series
 
 GEOMETRY = CTGeometry(
@@ -131,7 +131,7 @@ def test_dsrdump_shows_codes_and_probabilities(report_file: Path) -> None:
     for expected in (
         "Comprehensive 3D SR",
         '(126000,DCM,"Imaging Measurement Report")',
-        '(169069000,SCT,"CT of chest")',
+        '(25045-6,LN,"CT unspecified body region")',
         '(121007,DCM,"Device")',
         '(121071,DCM,"Finding")=(27925004,SCT,"Nodule")',
         '(363698007,SCT,"Finding Site")=(39607008,SCT,"Lung")',
@@ -457,9 +457,7 @@ def test_nodule_group_equals_highdicoms_own() -> None:
         ]
 
     evaluations = [hd.sr.QualitativeEvaluation(name=codes.SCT.Shape, value=codes.SCT.Round)]
-    fast = nodule_group(
-        seed, "1.2.3", "1.2.3.9", measurements=measurements(), evaluations=evaluations, algorithm=algorithm
-    )
+    fast = nodule_group(seed, "1.2.3", "1.2.3.9", measurements=measurements(), evaluations=evaluations)
     reference = hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(uid="1.2.3.9", identifier="Nodule 1"),
         referenced_region=hd.sr.ImageRegion3D(
@@ -469,12 +467,36 @@ def test_nodule_group_equals_highdicoms_own() -> None:
         ),
         finding_type=codes.SCT.Nodule,
         finding_sites=[hd.sr.FindingSite(anatomic_location=codes.SCT.Lung)],
-        algorithm_id=algorithm,
         measurements=measurements(),
         qualitative_evaluations=evaluations,
-        geometric_purpose=codes.DCM.Center,
     )
     names = [item.name.meaning for item in fast[0].ContentSequence]
     assert names == [item.name.meaning for item in reference[0].ContentSequence]
     assert fast[0].ContentSequence == reference[0].ContentSequence
-    assert names[-3:] == ["Shape", "Geometric purpose of region", "Image Region"]
+    assert names[-2:] == ["Shape", "Image Region"]
+
+
+def test_a_downstream_reader_gets_each_nodules_findings_through_highdicoms_public_api(
+    report_file: Path,
+) -> None:
+    """What a consumer of the SR writes with highdicom alone: per nodule, the probability of cancer,
+    the semantic findings (and nothing else) as qualitative evaluations, and the seed point."""
+    report = hd.sr.srread(report_file)
+    procedure = [
+        item for item in report.ContentSequence if item.ConceptNameCodeSequence[0].CodeValue == "121058"
+    ]
+    assert procedure and procedure[0].ConceptCodeSequence[0].CodeValue in {
+        code.value for code in codes.cid100.concepts.values()
+    }
+    groups = report.content.get_planar_roi_measurement_groups()
+    result = make_result()
+    assert [group.tracking_identifier for group in groups] == [n.seed.label for n in result.nodules]
+    feature_names = {FEATURE_BY_COLUMN[column].code.meaning for column in result.nodules[0].semantic}
+    for group, nodule in zip(groups, result.nodules, strict=True):
+        (probability,) = group.get_measurements(name=codes.DCM.ProbabilityOfCancer)
+        assert probability.value == pytest.approx(nodule.malignancy)
+        evaluations = group.get_qualitative_evaluations()
+        assert {evaluation.name.meaning for evaluation in evaluations} == feature_names
+        assert len(evaluations) == len(nodule.semantic)
+        assert group.roi.graphic_type == hd.sr.GraphicTypeValues3D.POINT
+        np.testing.assert_allclose(np.asarray(group.roi.value).ravel(), nodule.seed.position_lps, atol=1e-4)
