@@ -29,8 +29,9 @@ from pathlib import Path
 import numpy as np
 
 from benchlib import REPO, median_seconds
+from training.phantom_jobs import select_nodules
 from training.phantom_lidc import iter_consensus_masks, read_lidc_table
-from training.phantoms import run, select_nodules
+from training.phantoms import run
 
 #: A default field of view (120 mm) at 0.7 x 0.7 x 1.25 mm: the volume one phantom's noise is drawn for.
 NOISE_SHAPE = (96, 171, 171)

@@ -17,7 +17,8 @@ from deploy_app.dicom_io import write_dataset
 from deploy_app.findings import NoduleSeed
 from deploy_app.sr import build_seed_sr
 from training.dicom_ct import CTGeometry, SyntheticPatient, WrittenSeries, write_ct_series
-from training.phantom_render import ParametricNodule, PlacedNodule, parametric_mask, render_scene
+from training.phantom_nodules import ParametricNodule, PlacedNodule, parametric_mask
+from training.phantom_render import render_scene
 
 DEMO_GEOMETRY = CTGeometry(
     shape=(64, 160, 160), pixel_spacing=(0.75, 0.75), slice_spacing=2.0, origin_lps=(-60.0, -40.0, -180.0)

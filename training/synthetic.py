@@ -18,13 +18,8 @@ from pathlib import Path
 import numpy as np
 
 from training.dicom_ct import CTGeometry, write_nifti
-from training.phantom_render import (
-    ParametricNodule,
-    PlacedNodule,
-    SceneSettings,
-    parametric_mask,
-    render_scene,
-)
+from training.phantom_nodules import ParametricNodule, PlacedNodule, parametric_mask
+from training.phantom_render import SceneSettings, render_scene
 
 SPACING_MM = (0.8, 0.8, 1.5)
 SHAPE = (96, 96, 48)
