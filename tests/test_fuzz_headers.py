@@ -23,6 +23,10 @@ An outcome is ``analysed``, ``skipped`` (a localizer-only series) or ``refused``
 one) whose message names the series or the instance; anything else is a ``bug``. The default test
 runs :data:`CI_MUTATIONS` mutations in process and :data:`CI_APP_CASES` end to end;
 ``bench/bench_fuzz.py`` runs 10,000 and prints the outcome table.
+
+One file on purpose, at about a thousand lines: the generator, the targets, the outcome classes and
+the regression cases they found are read together (each regression names the attack that found it),
+and the benchmark imports the same generator from here.
 """
 
 from __future__ import annotations
