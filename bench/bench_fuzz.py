@@ -55,9 +55,7 @@ def main() -> int:
             from training.demo_bundle import build_untrained_bundle
 
             study = work / "study"
-            demo = write_demo_study(study, seed=5, n_nodules=1, seed_sr=False)
-            x, y, z = demo.seeds[0].position_lps
-            (study / "seeds.csv").write_text(f"x,y,z,label\n{x},{y},{z},Nodule 1\n")
+            write_demo_study(study, seed=5, n_nodules=1, seed_sr=False, seeds_csv=True)
             models = BundleModels.load(build_untrained_bundle(work / "bundle"))
             app_tally = fuzz.Tally()
             with stages("end to end"):

@@ -63,6 +63,7 @@ def write_demo_study(
     n_nodules: int = 3,
     geometry: CTGeometry = DEMO_GEOMETRY,
     seed_sr: bool = True,
+    seeds_csv: bool = False,
     patient_id: str = "PHANTOM-DEMO",
 ) -> DemoStudy:
     """Write ``folder/ct/`` (DICOM CT) and, with ``seed_sr``, ``folder/seeds_sr.dcm`` (TID 1500 seeds).
@@ -73,6 +74,8 @@ def write_demo_study(
         n_nodules: 1 to 4 nodules (the first ``n_nodules`` of :data:`DEMO_NODULES`), well inside the scan.
         geometry: the CT grid.
         seed_sr: also write the seeds SR (else the caller provides seeds).
+        seeds_csv: also write ``folder/seeds.csv`` (``x,y,z,label``, world LPS mm), seeds that do not
+            depend on any UID of the study.
         patient_id: synthetic PatientID.
 
     Returns:
@@ -104,6 +107,9 @@ def write_demo_study(
         )
         for n, centre in enumerate(centres)
     )
+    if seeds_csv:
+        rows = "".join(f"{x},{y},{z},{seed.label}\n" for seed in seeds for x, y, z in [seed.position_lps])
+        (folder / "seeds.csv").write_text("x,y,z,label\n" + rows)
     sr_path = None
     if seed_sr:
         headers = [pydicom.dcmread(path, stop_before_pixels=True) for path in series.files]

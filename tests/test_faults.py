@@ -68,10 +68,8 @@ def copy_as_new_series(ct: Path, target: Path, **changes: object) -> list[Path]:
 def two_series(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One study, two CT series of the same scan, and one seed in ``seeds.csv``."""
     folder = tmp_path_factory.mktemp("study") / "in"
-    demo = write_demo_study(folder, seed=5, n_nodules=1, seed_sr=False)
+    write_demo_study(folder, seed=5, n_nodules=1, seed_sr=False, seeds_csv=True)
     copy_as_new_series(folder / "ct", folder / "ct_copy")
-    x, y, z = demo.seeds[0].position_lps
-    (folder / "seeds.csv").write_text(f"x,y,z,label\n{x},{y},{z},Nodule 1\n")
     return folder
 
 

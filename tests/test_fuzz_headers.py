@@ -866,9 +866,7 @@ def app_study(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from demo.study import write_demo_study
 
     folder = tmp_path_factory.mktemp("fuzz_study") / "in"
-    demo = write_demo_study(folder, seed=5, n_nodules=1, seed_sr=False)
-    x, y, z = demo.seeds[0].position_lps
-    (folder / "seeds.csv").write_text(f"x,y,z,label\n{x},{y},{z},Nodule 1\n")
+    write_demo_study(folder, seed=5, n_nodules=1, seed_sr=False, seeds_csv=True)
     return folder
 
 

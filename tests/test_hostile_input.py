@@ -131,9 +131,7 @@ def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def study(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A one-nodule demo CT with its seed in ``seeds.csv`` (which does not depend on any UID)."""
     folder = tmp_path_factory.mktemp("study") / "in"
-    demo = write_demo_study(folder, seed=5, n_nodules=1, seed_sr=False)
-    x, y, z = demo.seeds[0].position_lps
-    (folder / "seeds.csv").write_text(f"x,y,z,label\n{x},{y},{z},Nodule 1\n")
+    write_demo_study(folder, seed=5, n_nodules=1, seed_sr=False, seeds_csv=True)
     return folder
 
 
