@@ -226,10 +226,11 @@ def test_seed_pixel_position_matches_nine_planes(plane: int, axis: str) -> None:
 
 
 def test_plane_edge_letters_of_the_standard_planes() -> None:
+    """The displayed edges (radiological convention): see tests/test_report_display.py for all nine."""
     assert report.plane_edge_letters(0) == {"top": "A", "bottom": "P", "left": "R", "right": "L"}
-    assert report.plane_edge_letters(1) == {"top": "I", "bottom": "S", "left": "R", "right": "L"}
-    assert report.plane_edge_letters(2) == {"top": "I", "bottom": "S", "left": "A", "right": "P"}
-    assert report.plane_edge_letters(3) == {"top": "A", "bottom": "P", "left": "IR", "right": "SL"}
+    assert report.plane_edge_letters(1) == {"top": "S", "bottom": "I", "left": "R", "right": "L"}
+    assert report.plane_edge_letters(2) == {"top": "S", "bottom": "I", "left": "A", "right": "P"}
+    assert report.plane_edge_letters(3) == {"top": "SL", "bottom": "IR", "left": "A", "right": "P"}
 
 
 def test_plane_names_follow_the_plane_normals() -> None:
@@ -337,10 +338,12 @@ def test_pdf_findings_tables(pdf_plain: bytes) -> None:
 
 
 def test_pdf_images_are_the_planes(pdf_plain: bytes) -> None:
-    """Every plane of both nodules is embedded, mapped [0, 1] -> 0..255, not flipped or rotated."""
+    """Every plane of both nodules is embedded, mapped [0, 1] -> 0..255, in display orientation."""
     images = _images(pdf_plain)
     expected = [
-        np.rint(np.clip(plane, 0, 1) * 255).astype(np.uint8) for nodule in (0, 1) for plane in _planes(nodule)
+        report.plane_display(index).apply(np.rint(np.clip(plane, 0, 1) * 255).astype(np.uint8))
+        for nodule in (0, 1)
+        for index, plane in enumerate(_planes(nodule))
     ]
     assert len(images) == len(expected)
     for wanted in expected:
@@ -349,13 +352,13 @@ def test_pdf_images_are_the_planes(pdf_plain: bytes) -> None:
 
 def test_pdf_seed_cross_is_drawn_at_the_seed(pdf_plain: bytes) -> None:
     """Each image placement (w 0 0 h x y cm ... Do) is followed by the four arms of its cross; their
-    centre is the seed pixel's centre in page units."""
-    seed_row, seed_column = report.seed_pixel_position((224, 224))
+    centre is the displayed seed pixel's centre in page units."""
     placement = rb"([\d.]+) 0 0 ([\d.]+) ([\d.]+) ([\d.]+) cm\s*/FormXob\.\w+ Do"
     segment = rb"n ([\d.-]+) ([\d.-]+) m ([\d.-]+) ([\d.-]+) l S"
     checked = 0
     for match in re.finditer(placement, pdf_plain):
         width, height, x, y = (_number(v) for v in match.groups())
+        seed_row, seed_column = report.displayed_seed_position(checked % 9, (224, 224))
         arms = re.findall(segment, pdf_plain[match.end() : match.end() + 2000])[:4]
         points = np.array([[_number(a), _number(b)] for arm in arms for a, b in (arm[:2], arm[2:])])
         centre = points.mean(axis=0)
@@ -470,14 +473,15 @@ def test_montage_size_and_determinism(montage: np.ndarray) -> None:
 
 
 def test_montage_shows_the_planes_pixel_for_pixel(montage: np.ndarray) -> None:
-    """Away from the seed cross and the edge letters, each panel is the plane's grey, unchanged."""
-    seed_row, seed_column = report.seed_pixel_position((224, 224))
+    """Away from the seed cross and the edge letters, each panel is the plane's grey in display
+    orientation, unchanged."""
     rows, columns = np.mgrid[:224, :224]
-    near_cross = (np.abs(rows - seed_row) < 22) & (np.abs(columns - seed_column) < 22)
     near_letters = (rows < 16) | (rows >= 208) | (columns < 24) | (columns >= 200)
-    untouched = ~near_cross & ~near_letters
     for plane, image in enumerate(_planes(0)):
-        grey = np.rint(np.clip(image, 0, 1) * 255)
+        seed_row, seed_column = report.displayed_seed_position(plane, (224, 224))
+        near_cross = (np.abs(rows - seed_row) < 22) & (np.abs(columns - seed_column) < 22)
+        untouched = ~near_cross & ~near_letters
+        grey = report.plane_display(plane).apply(np.rint(np.clip(image, 0, 1) * 255))
         panel = _panel(montage, plane)
         np.testing.assert_array_equal(panel[untouched], np.repeat(grey[untouched][:, None], 3, axis=1))
         assert np.mean(np.all(panel == grey[..., None], axis=-1)) > 0.95
@@ -492,24 +496,29 @@ def test_montage_seed_cross_is_centred_on_the_seed(size: int) -> None:
     uniform = _with_planes(np.full((9, size, size), 0.5))
     pixels = report.render_montage(uniform, uniform.nodules[0])
     if size == 224:
-        expected, tolerance = report.seed_pixel_position((224, 224)), 0.02
+        expected = [report.displayed_seed_position(plane, (224, 224)) for plane in range(9)]
+        tolerance = 0.02
     else:  # where the seed's plane pixel (row and column size // 2) lands
         striped = np.full((9, size, size), 0.5)
         striped[:, size // 2, :] = striped[:, :, size // 2] = 0.25
         marked = _with_planes(striped)
-        panel = _panel(report.render_montage(marked, marked.nodules[0]), 0)
-        dark_rows = np.flatnonzero(panel[:, 40, 2] < 100)
-        dark_columns = np.flatnonzero(panel[40, :, 2] < 100)
-        expected, tolerance = (dark_rows.mean(), dark_columns.mean()), 0.5
+        montage = report.render_montage(marked, marked.nodules[0])
+        expected = []
+        for plane in range(9):
+            panel = _panel(montage, plane)
+            dark_rows = np.flatnonzero(panel[:, 40, 2] < 100)
+            dark_columns = np.flatnonzero(panel[40, :, 2] < 100)
+            expected.append((dark_rows.mean(), dark_columns.mean()))
+        tolerance = 0.5
     for plane in range(9):
         panel = _panel(pixels, plane)
         rows, columns = np.mgrid[:224, :224]
-        window = (np.abs(rows - expected[0]) < 24) & (np.abs(columns - expected[1]) < 24)
+        window = (np.abs(rows - expected[plane][0]) < 24) & (np.abs(columns - expected[plane][1]) < 24)
         coverage = np.where(window, np.clip(1.0 - panel[..., 2] / grey, 0.0, 1.0), 0.0)
         assert coverage.max() == pytest.approx(1.0, abs=0.01)  # solid yellow at the arms' middle
         assert np.all(coverage[~window] == 0)
         centre = (np.sum(rows * coverage) / coverage.sum(), np.sum(columns * coverage) / coverage.sum())
-        assert centre == pytest.approx(expected, abs=tolerance)
+        assert centre == pytest.approx(expected[plane], abs=tolerance)
         solid = coverage > 0.99
         np.testing.assert_array_equal(panel[solid], np.broadcast_to(_YELLOW, (int(solid.sum()), 3)))
 

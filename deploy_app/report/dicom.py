@@ -5,7 +5,8 @@
   :func:`encapsulated_document_bytes` reads the document back without its padding.
 - :func:`secondary_capture` renders one RGB Secondary Capture image per nodule (the montage of
   :func:`deploy_app.report.montage.render_montage`, with the probability and the main findings
-  burned in), for viewers that do not open PDFs.
+  burned in), for viewers that do not open PDFs. Each references the CT slice nearest its seed
+  (Source Image Sequence, :func:`nearest_instance`) and says what it shows (Derivation Description).
 
 Pure functions: they return datasets; writing them (atomically) is the caller's job
 (:func:`deploy_app.dicom_io.write_dataset`, called by :mod:`deploy_app.report.writers`).
@@ -18,17 +19,26 @@ import datetime
 from collections.abc import Sequence
 
 import highdicom
+import numpy as np
 import pydicom
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import EncapsulatedPDFStorage, ExplicitVRLittleEndian, generate_uid
 
 from deploy_app.findings import SeriesResult
 from deploy_app.report.montage import render_montage
-from deploy_app.report.rows import MANUFACTURER, percent
+from deploy_app.report.rows import MANUFACTURER, percent, position
+from scripts.transforms import NinePlanes
 from scripts.vocabulary import Code
 
 DOCUMENT_TITLE_CODE = Code("18748-4", "LN", "Diagnostic Imaging Report")
 """Concept name of the encapsulated PDF (CID 7000 Diagnostic Imaging Report Document Titles)."""
+
+SOURCE_PURPOSE_CODE = Code("121322", "DCM", "Source image for image processing operation")
+"""Purpose of Reference of the Secondary Capture's source CT slice (CID 7202 Source Image Purposes
+of Reference)."""
+
+DERIVATION_CODE = Code("113072", "DCM", "Multiplanar reformatting")
+"""Derivation Code of the Secondary Capture (CID 7203 Image Derivation): planes resampled from the CT."""
 
 #: Patient, Clinical Trial Subject, General Study, Patient Study and Clinical Trial Study attributes
 #: copied from the CT, so that the new series joins the same patient and study.
@@ -207,8 +217,7 @@ def encapsulated_pdf(
     ds.InstanceNumber = int(instance_number)
     ds.ContentDate, ds.ContentTime = date, time
     ds.AcquisitionDateTime = f"{date}{time}"
-    # Conservative: the report shows the study date and the CT's free-text descriptions, which a
-    # de-identification tool must review (the PDF itself never holds the patient's name or ID).
+    # every page's header shows the patient's name, ID and birth date and the accession number
     ds.BurnedInAnnotation = "YES"
     ds.RecognizableVisualFeatures = "NO"
     sources = list(source_datasets) if source_datasets is not None else [ct_dataset]
@@ -250,6 +259,76 @@ def encapsulated_document_bytes(ds: pydicom.Dataset) -> bytes:
     return value[: int(length)] if length is not None else value
 
 
+def _slice_offset(ds: pydicom.Dataset, position_lps: np.ndarray) -> float | None:
+    """Distance in mm from a point to an instance's image plane along its normal (None: no geometry)."""
+    try:
+        orientation = np.asarray([float(v) for v in ds.ImageOrientationPatient], dtype=np.float64)
+        origin = np.asarray([float(v) for v in ds.ImagePositionPatient], dtype=np.float64)
+    except (AttributeError, KeyError, TypeError, ValueError):
+        return None
+    if orientation.shape != (6,) or origin.shape != (3,):
+        return None
+    normal = np.cross(orientation[:3], orientation[3:])
+    length = float(np.linalg.norm(normal))
+    if not np.isfinite(length) or length < 1e-6 or not np.all(np.isfinite(origin)):
+        return None
+    return abs(float((position_lps - origin) @ normal) / length)
+
+
+def nearest_instance(
+    datasets: Sequence[pydicom.Dataset], position_lps: Sequence[float]
+) -> pydicom.Dataset | None:
+    """The CT instance whose slice lies nearest a point, along the slice normal.
+
+    Each instance's normal is the cross product of its ImageOrientationPatient's row and column
+    cosines, its slice position its ImagePositionPatient; instances without them are passed over.
+    Of equally near slices the first in ``datasets`` order is taken.
+
+    Args:
+        datasets: the CT instances (headers suffice).
+        position_lps: the point in world LPS mm (a nodule seed).
+
+    Returns:
+        the nearest instance, or None when none has a usable position and orientation.
+    """
+    point = np.asarray([float(v) for v in position_lps], dtype=np.float64)
+    best, best_offset = None, np.inf
+    for ds in datasets:
+        offset = _slice_offset(ds, point)
+        if offset is not None and offset < best_offset:
+            best, best_offset = ds, offset
+    return best
+
+
+def derivation_description(position_lps: Sequence[float]) -> str:
+    """What a Secondary Capture montage shows, for its Derivation Description (0008,2111).
+
+    Args:
+        position_lps: the nodule seed in world LPS mm.
+
+    Returns:
+        one sentence (well under the 1024 characters of ST).
+    """
+    planes = NinePlanes()
+    low, high = (f"{v:g}" for v in planes.hu_window)
+    return (
+        f"Nine planes ({planes.plane_size} x {planes.plane_size} mm at 1 mm, resampled to "
+        f"{planes.out_size} x {planes.out_size} pixels) through the nodule seed at "
+        f"{position(position_lps)}, windowed [{low}, {high}] HU, shown in radiological orientation, "
+        "with the model's attention weight per plane, its probability of cancer and zero-shot "
+        "semantic findings; research use only"
+    )
+
+
+def _source_image_item(source: pydicom.Dataset) -> pydicom.Dataset:
+    item = pydicom.Dataset()
+    item.ReferencedSOPClassUID = source.SOPClassUID
+    item.ReferencedSOPInstanceUID = source.SOPInstanceUID
+    item.PurposeOfReferenceCodeSequence = [_code_item(SOURCE_PURPOSE_CODE)]
+    item.SpatialLocationsPreserved = "NO"  # a montage of resampled planes
+    return item
+
+
 def secondary_capture(
     result: SeriesResult,
     ct_dataset: pydicom.Dataset,
@@ -261,8 +340,14 @@ def secondary_capture(
     sop_instance_uids: Sequence[str] | None = None,
     content_datetime: datetime.datetime | None = None,
     manufacturer: str = MANUFACTURER,
+    source_datasets: Sequence[pydicom.Dataset] | None = None,
 ) -> list[pydicom.Dataset]:
     """One RGB Secondary Capture image per nodule, in the CT's study (one new series).
+
+    Each image carries the research-use banner (burned in), a Source Image Sequence pointing at the
+    CT instance nearest its seed along the slice normal (:func:`nearest_instance`, purpose DCM 121322
+    "Source image for image processing operation"), Derivation Description
+    (:func:`derivation_description`) and Derivation Code DCM 113072 "Multiplanar reformatting".
 
     Args:
         result: the series' results.
@@ -274,10 +359,13 @@ def secondary_capture(
         sop_instance_uids: one SOPInstanceUID per nodule (default: new UIDs).
         content_datetime: content, series and capture date/time (default: now).
         manufacturer: Manufacturer.
+        source_datasets: the CT instances to pick each nodule's source slice from (default:
+            ``ct_dataset``; ``ct_dataset`` too when none has a position and orientation).
 
     Returns:
         the images, in nodule order (empty when no nodule was analysed).
     """
+    sources = list(source_datasets) if source_datasets is not None else [ct_dataset]
     if sop_instance_uids is not None and len(sop_instance_uids) != len(result.nodules):
         raise ValueError(f"{len(result.nodules)} nodules but {len(sop_instance_uids)} SOP instance UIDs")
     moment = content_datetime or datetime.datetime.now()
@@ -314,6 +402,11 @@ def secondary_capture(
         image.InstanceCreationDate, image.InstanceCreationTime = date, time
         image.BurnedInAnnotation = "YES"  # text is burned in (no patient name or ID, though)
         image.RecognizableVisualFeatures = "NO"
+        image.ConversionType = "WSD"  # workstation: generated, not digitised (highdicom sets DI)
+        source = nearest_instance(sources, nodule.seed.position_lps)
+        image.SourceImageSequence = [_source_image_item(source if source is not None else ct_dataset)]
+        image.DerivationDescription = derivation_description(nodule.seed.position_lps)
+        image.DerivationCodeSequence = [_code_item(DERIVATION_CODE)]
         image.ImageComments = f"{nodule.seed.label}: probability of cancer {percent(nodule.malignancy)}"
         images.append(image)
     return images

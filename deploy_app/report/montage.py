@@ -1,16 +1,47 @@
-"""The plane images: the nine planes as the model saw them, and the Secondary Capture montage.
+"""The plane images: the nine planes in display orientation, and the Secondary Capture montage.
 
-- Plane image helpers shared with the PDF (:mod:`deploy_app.report.pdf`): where the seed lies in a
-  plane image (:func:`seed_pixel_position`), which way its edges face (:func:`plane_edge_letters`),
-  the planes as 8-bit grey pixels, and the colours of banner, seed marker and edge letters.
+- Plane image helpers shared with the PDF (:mod:`deploy_app.report.pdf`): how a stored plane is turned
+  for display (:func:`display_transform`, :func:`plane_display`), where the seed lies in a plane image
+  (:func:`seed_pixel_position`), which way the displayed edges face (:func:`plane_edge_letters`), the
+  planes as 8-bit grey pixels, and the colours of banner, seed marker and edge letters.
 - :func:`render_montage`: the picture of one nodule that :func:`deploy_app.report.dicom.secondary_capture`
   wraps, for viewers that do not open PDFs: banner(s), label, probability, main findings and the
   nine planes. Composed with numpy and Pillow, not a plotting library: with matplotlib the montages
   took most of the writers' time (``bench/bench_writers.py`` prints the SC writer's).
 
-The planes are shown as the model sees them, not re-oriented to radiological convention: rows and
-columns follow :data:`scripts.transforms.PLANE_DIRECTIONS`, and letters on the image edges (S/I,
-A/P, L/R, combined for the 45 degree planes) say which way each edge faces.
+Display convention. The model sees each plane with rows and columns along
+:data:`scripts.transforms.PLANE_DIRECTIONS`; the report shows it flipped and/or transposed into the
+radiological convention. :func:`display_transform` computes the flips from the plane's row and
+column direction vectors alone (no case per plane index), by two rules:
+
+1. Vertical on screen is the in-plane axis with the larger superior-inferior component (then the
+   larger anterior-posterior one). Down the screen points inferior; for a plane without a
+   superior-inferior axis (axial) it points posterior, so anterior is up.
+2. To the right on screen points towards the patient's left (patient right on the image left); for
+   a plane without a left-right axis (sagittal) it points posterior, so anterior is on the image left
+   (the patient seen from the left side).
+
+Which gives, with the displayed edges as the edge letters name them (top / bottom / left / right):
+
+=====  ========================  ===========================================================
+plane  name                      displayed edges
+=====  ========================  ===========================================================
+1      axial                     A / P / R / L (seen from the feet)
+2      coronal                   S / I / R / L (seen from the front)
+3      sagittal                  S / I / A / P (seen from the patient's left)
+4      axial/sagittal 45\u00b0    SL / IR / A / P
+5      axial/sagittal 45\u00b0    SR / IL / A / P
+6      axial/coronal 45\u00b0     SP / IA / R / L
+7      axial/coronal 45\u00b0     SA / IP / R / L
+8      coronal/sagittal 45\u00b0  S / I / AR / PL
+9      coronal/sagittal 45\u00b0  S / I / PR / AL
+=====  ========================  ===========================================================
+
+The letters (S/I superior/inferior, A/P anterior/posterior, R/L right/left, two letters for a
+direction 45 degrees between two axes) are drawn inside each edge of every plane image, so that the
+oblique planes are labelled with their orientation too; they are derived from the same direction
+vectors as the flips, so pixels and letters cannot disagree. The seed cross is moved with the
+pixels.
 """
 
 from __future__ import annotations
@@ -18,6 +49,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +76,8 @@ EDGE_LETTER_COLOUR = "#7fe3ff"
 
 #: Letters of the +/- direction of each ROI array axis (z, y, x) = (superior, posterior, left).
 _AXIS_LETTERS = (("S", "I"), ("P", "A"), ("L", "R"))
+#: Components below this are zero (the 45 degree planes have components 1/sqrt2).
+_TOLERANCE = 1e-6
 
 
 # --------------------------------------------------------------------------------------------------
@@ -83,30 +117,183 @@ def _direction_letters(direction: Sequence[float]) -> str:
     """Patient-direction letters of a unit vector in ROI axes (z, y, x), e.g. (s, 0, s) -> "SL"."""
     letters = ""
     for component, (plus, minus) in zip(direction, _AXIS_LETTERS, strict=True):
-        if abs(component) > 1e-6:
+        if abs(component) > _TOLERANCE:
             letters += plus if component > 0 else minus
     return letters
 
 
-def plane_edge_letters(plane: int) -> dict[str, str]:
-    """Which patient direction each edge of a plane image faces.
+#: Which way "down" on screen points, by ROI axis (z, y, x) in order of preference: inferior, else
+#: posterior (anterior up), else left.
+_DOWN_PREFERENCE = ((0, -1.0), (1, 1.0), (2, 1.0))
+#: Which way "right" on screen points: the patient's left, else posterior (anterior on the left),
+#: else superior.
+_RIGHT_PREFERENCE = ((2, 1.0), (1, 1.0), (0, 1.0))
 
-    Rows run along the plane's row direction (downwards on screen), columns along its column
-    direction (to the right).
+
+def _oriented(direction: np.ndarray, preference: Sequence[tuple[int, float]]) -> np.ndarray:
+    """``direction`` or its opposite: the one whose first non-zero preferred component has the sign."""
+    for axis, sign in preference:
+        if abs(direction[axis]) > _TOLERANCE:
+            return direction if direction[axis] * sign > 0 else -direction
+    raise ValueError(f"direction {tuple(direction)} is zero")
+
+
+@dataclass(frozen=True)
+class DisplayTransform:
+    """How a stored plane image is turned for display: transpose first, then the flips.
+
+    Attributes:
+        transpose: swap rows and columns (the stored columns run down the screen).
+        flip_rows: reverse the rows after the transpose (top and bottom swapped).
+        flip_columns: reverse the columns after the transpose (left and right swapped).
+        down: the patient direction down the screen, a unit vector in ROI axes (z, y, x) = (S, P, L).
+        right: the patient direction to the right on screen, in the same axes.
+    """
+
+    transpose: bool
+    flip_rows: bool
+    flip_columns: bool
+    down: tuple[float, float, float]
+    right: tuple[float, float, float]
+
+    @property
+    def edge_letters(self) -> dict[str, str]:
+        """Letters of the direction each displayed edge faces (keys top, bottom, left, right)."""
+        down, right = np.asarray(self.down), np.asarray(self.right)
+        return {
+            "top": _direction_letters(-down),
+            "bottom": _direction_letters(down),
+            "left": _direction_letters(-right),
+            "right": _direction_letters(right),
+        }
+
+    def apply(self, image: np.ndarray) -> np.ndarray:
+        """The displayed image of a stored plane (its last two axes are rows and columns).
+
+        Args:
+            image: ``(..., H, W)`` as the model saw it.
+
+        Returns:
+            a view, ``(..., W, H)`` when transposed.
+        """
+        shown = np.swapaxes(image, -1, -2) if self.transpose else image
+        if self.flip_rows:
+            shown = shown[..., ::-1, :]
+        if self.flip_columns:
+            shown = shown[..., :, ::-1]
+        return shown
+
+    def displayed_shape(self, shape: Sequence[int]) -> tuple[int, int]:
+        """(rows, columns) on screen of a stored plane of ``shape`` (or any shape ending with them)."""
+        rows, columns = (int(n) for n in tuple(shape)[-2:])
+        return (columns, rows) if self.transpose else (rows, columns)
+
+    def pixel(self, position: tuple[float, float], shape: Sequence[int]) -> tuple[float, float]:
+        """Where a stored continuous (row, column) position lands in the displayed image.
+
+        Args:
+            position: (row, column) in the stored plane, pixel centres at integer indices.
+            shape: the stored plane's (rows, columns), or any shape ending with them.
+
+        Returns:
+            (row, column) in the displayed image.
+        """
+        row, column = (float(v) for v in position)
+        if self.transpose:
+            row, column = column, row
+        rows, columns = self.displayed_shape(shape)
+        if self.flip_rows:
+            row = rows - 1 - row
+        if self.flip_columns:
+            column = columns - 1 - column
+        return row, column
+
+
+def display_transform(row_direction: Sequence[float], column_direction: Sequence[float]) -> DisplayTransform:
+    """The flips and transpose that show a plane in the report's radiological convention.
+
+    Vertical on screen is the in-plane axis with the larger superior-inferior component (then the
+    larger anterior-posterior one; ties keep the stored rows vertical), pointing inferior down the
+    screen (posterior when it has no superior-inferior component: anterior up). The other axis
+    points towards the patient's left to the right (posterior when it has no left-right component:
+    anterior on the image left). See the module docstring for the result per plane.
+
+    Args:
+        row_direction: unit vector (ROI axes (z, y, x) = (S, P, L)) along which the stored rows run
+            (row index growing), as in :data:`~scripts.transforms.PLANE_DIRECTIONS`.
+        column_direction: unit vector along which the stored columns run.
+
+    Returns:
+        the transform, with the displayed down and right directions.
+
+    Raises:
+        ValueError: the directions are not unit length and orthogonal (1e-6).
+    """
+    rows = np.asarray(row_direction, dtype=np.float64)
+    columns = np.asarray(column_direction, dtype=np.float64)
+    if rows.shape != (3,) or columns.shape != (3,):
+        raise ValueError("plane directions must be 3-vectors in ROI axes (z, y, x)")
+    if (
+        abs(rows @ rows - 1) > _TOLERANCE
+        or abs(columns @ columns - 1) > _TOLERANCE
+        or abs(rows @ columns) > _TOLERANCE
+    ):
+        raise ValueError(f"plane directions {tuple(rows)} and {tuple(columns)} are not orthonormal")
+
+    def verticality(direction: np.ndarray) -> tuple[float, float]:
+        return round(abs(direction[0]), 6), round(abs(direction[1]), 6)
+
+    transpose = verticality(columns) > verticality(rows)
+    screen_rows, screen_columns = (columns, rows) if transpose else (rows, columns)
+    down = _oriented(screen_rows, _DOWN_PREFERENCE)
+    right = _oriented(screen_columns, _RIGHT_PREFERENCE)
+    return DisplayTransform(
+        transpose=bool(transpose),
+        flip_rows=bool(down @ screen_rows < 0),
+        flip_columns=bool(right @ screen_columns < 0),
+        down=tuple(float(v) for v in down),
+        right=tuple(float(v) for v in right),
+    )
+
+
+@functools.cache
+def plane_display(plane: int) -> DisplayTransform:
+    """The display transform of one of the nine planes (:func:`display_transform` of its directions).
 
     Args:
         plane: plane index 0 .. 8 in :data:`~scripts.transforms.PLANE_DIRECTIONS` order.
 
     Returns:
-        letters for the keys ``"top"``, ``"bottom"``, ``"left"`` and ``"right"``.
+        the transform.
     """
-    rows, columns = (np.asarray(d, dtype=np.float64) for d in PLANE_DIRECTIONS[plane])
-    return {
-        "top": _direction_letters(-rows),
-        "bottom": _direction_letters(rows),
-        "left": _direction_letters(-columns),
-        "right": _direction_letters(columns),
-    }
+    rows, columns = PLANE_DIRECTIONS[int(plane)]
+    return display_transform(rows, columns)
+
+
+def plane_edge_letters(plane: int) -> dict[str, str]:
+    """Which patient direction each edge of a displayed plane image faces.
+
+    Args:
+        plane: plane index 0 .. 8 in :data:`~scripts.transforms.PLANE_DIRECTIONS` order.
+
+    Returns:
+        letters for the keys ``"top"``, ``"bottom"``, ``"left"`` and ``"right"`` of the image as
+        shown (after :func:`plane_display`).
+    """
+    return plane_display(plane).edge_letters
+
+
+def displayed_seed_position(plane: int, plane_shape: Sequence[int]) -> tuple[float, float]:
+    """Where the seed lies in a displayed plane image: :func:`seed_pixel_position` moved with the pixels.
+
+    Args:
+        plane: plane index 0 .. 8.
+        plane_shape: the stored plane's (rows, columns), or any shape ending with them.
+
+    Returns:
+        (row, column) in the displayed image, pixel centres at integer indices.
+    """
+    return plane_display(plane).pixel(seed_pixel_position(plane_shape), plane_shape)
 
 
 def grey_pixels(plane: np.ndarray) -> np.ndarray:
@@ -204,14 +391,15 @@ def _cross_coverage(centre_row: float, centre_column: float, size: int) -> np.nd
     return np.minimum(coverage, 1.0)
 
 
-def _plane_panel(plane: np.ndarray) -> np.ndarray:
-    """The (MONTAGE_PANEL, MONTAGE_PANEL, 3) grey panel of one plane with the seed cross blended in."""
-    grey = grey_pixels(plane)
+def _plane_panel(plane_index: int, plane: np.ndarray) -> np.ndarray:
+    """The (MONTAGE_PANEL, MONTAGE_PANEL, 3) grey panel of one plane, in display orientation
+    (:func:`plane_display`), with the seed cross blended in."""
+    grey = np.ascontiguousarray(plane_display(plane_index).apply(grey_pixels(plane)))
     rows, columns = grey.shape
     if (rows, columns) != (MONTAGE_PANEL, MONTAGE_PANEL):
         image = Image.fromarray(grey).resize((MONTAGE_PANEL, MONTAGE_PANEL), Image.Resampling.NEAREST)
         grey = np.asarray(image)
-    seed_row, seed_column = seed_pixel_position((rows, columns))
+    seed_row, seed_column = displayed_seed_position(plane_index, plane.shape)
     # plane pixel centre p lies at panel coordinate (p + 0.5) * panel / plane - 0.5
     centre_row = (seed_row + 0.5) * MONTAGE_PANEL / rows - 0.5
     centre_column = (seed_column + 0.5) * MONTAGE_PANEL / columns - 0.5
@@ -264,9 +452,10 @@ def render_montage(result: SeriesResult, nodule: NoduleResult) -> np.ndarray:
     """The Secondary Capture picture of one nodule: banner(s), label, probability, main findings
     and the nine planes with the seed marked.
 
-    Drawn with numpy and Pillow (DejaVu fonts from matplotlib's data): the planes are shown pixel
-    for pixel when they are :data:`MONTAGE_PANEL` pixels square, with an anti-aliased seed cross
-    centred exactly on :func:`seed_pixel_position`, edge letters inside each panel, the title and
+    Drawn with numpy and Pillow (DejaVu fonts from matplotlib's data): the planes are shown in the
+    radiological display orientation of :func:`plane_display`, pixel for pixel when they are
+    :data:`MONTAGE_PANEL` pixels square, with an anti-aliased seed cross centred exactly on
+    :func:`displayed_seed_position`, the displayed edges' direction letters inside each panel, the title and
     attention weight above it and a red frame around the plane with the highest attention. The
     same input always gives the same pixels.
 
@@ -284,7 +473,7 @@ def render_montage(result: SeriesResult, nodule: NoduleResult) -> np.ndarray:
     unavailable = np.full((MONTAGE_PANEL, MONTAGE_PANEL, 3), 64, dtype=np.uint8)  # 0.25 grey
     for plane in range(len(PLANE_DIRECTIONS)):
         top, left = montage_panel_origin(plane)
-        panel = unavailable if planes is None else _plane_panel(planes[plane])
+        panel = unavailable if planes is None else _plane_panel(plane, planes[plane])
         pixels[top : top + MONTAGE_PANEL, left : left + MONTAGE_PANEL] = panel
     image = Image.fromarray(pixels)
     draw = ImageDraw.Draw(image)

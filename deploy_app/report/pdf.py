@@ -2,11 +2,13 @@
 
 :func:`render_report_pdf` draws a research-use banner on every page, the model's identity, and per
 nodule its label, world LPS seed, probability of cancer, the nine planes the model saw (3 x 3, seed
-marked, attention weight in each title) and the zero-shot semantic findings; then the seeds that
-were skipped and why. It holds no patient name or ID (the DICOM wrapper,
-:func:`deploy_app.report.dicom.encapsulated_pdf`, carries the patient module) and is byte-identical
-for the same input. The words and numbers come from :mod:`deploy_app.report.rows`, the plane image
-helpers from :mod:`deploy_app.report.montage`.
+marked, attention weight in each title, in the radiological display orientation of
+:func:`deploy_app.report.montage.plane_display`) and the zero-shot semantic findings; then the seeds
+that were skipped and why. Every page's header shows the patient and study the report is about
+(:class:`ReportHeader`, copied from the CT: name, ID, birth date, accession number, study date and
+series description), so a printed page cannot be filed to the wrong patient; these identifiers are
+drawn, never logged. The PDF is byte-identical for the same input. The words and numbers come
+from :mod:`deploy_app.report.rows`, the plane image helpers from :mod:`deploy_app.report.montage`.
 """
 
 from __future__ import annotations
@@ -15,16 +17,20 @@ import contextlib
 import io
 import threading
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from xml.sax.saxutils import escape
 
 import numpy as np
+import pydicom
 from PIL import Image
+from pydicom.multival import MultiValue
 from reportlab import rl_config
 from reportlab.lib import colors
 from reportlab.lib.pagesizes import A4
 from reportlab.lib.styles import ParagraphStyle, getSampleStyleSheet
 from reportlab.lib.units import mm
 from reportlab.lib.utils import ImageReader
+from reportlab.pdfbase.pdfmetrics import stringWidth
 from reportlab.pdfgen.canvas import Canvas
 from reportlab.platypus import (
     Flowable,
@@ -43,9 +49,10 @@ from deploy_app.report.montage import (
     EDGE_LETTER_COLOUR,
     MARKER_COLOUR,
     checked_planes,
+    displayed_seed_position,
     grey_pixels,
+    plane_display,
     plane_edge_letters,
-    seed_pixel_position,
 )
 from deploy_app.report.rows import (
     MANUFACTURER,
@@ -66,19 +73,143 @@ _SEMANTIC_NOTE = (
     "they explain the image, they are not a radiologist's reading."
 )
 _PLANES_NOTE = (
-    "Planes as the model sees them (50 x 50 mm at 1 mm, window -1000..500 HU). Edge letters give "
-    "each edge's direction (S/I superior/inferior, A/P anterior/posterior, R/L right/left). "
-    "The cross marks the seed; the plane with the highest attention is framed."
+    "The planes the model saw (50 x 50 mm at 1 mm, window -1000..500 HU), shown in radiological "
+    "orientation: patient right on the image left, anterior up (axial), superior up (coronal, "
+    "sagittal with anterior on the left; the oblique planes likewise). Edge letters give each edge's "
+    "direction (S/I superior/inferior, A/P anterior/posterior, R/L right/left). The cross marks the "
+    "seed; the plane with the highest attention is framed."
 )
 
 _PAGE_WIDTH, _PAGE_HEIGHT = A4
 _MARGIN = 15 * mm
 _BANNER_HEIGHT = 9 * mm
+_HEADER_LINE = 4 * mm
+_HEADER_FONT, _HEADER_SIZE, _HEADER_MIN_SIZE = "Helvetica", 8.0, 5.0
+
+MISSING = "\u2014"
+"""Shown in the page header for a value the CT does not have (an em dash)."""
 
 
-def _page_decorator(result: SeriesResult) -> Callable[[Canvas, SimpleDocTemplate], None]:
-    """onPage callback: the banner(s) at the top and a page number at the bottom of every page."""
+def _header_text(value: str | None) -> str:
+    """A header value as shown: one line of text the PDF's standard fonts can draw.
+
+    Control characters become spaces; characters outside the fonts' Windows-1252 range become "?"
+    (reportlab would otherwise draw another letter in their place); empty -> :data:`MISSING`.
+    """
+    if value is None:
+        return MISSING
+    text = "".join(character if character.isprintable() else " " for character in value).strip()
+    text = text.encode("cp1252", errors="replace").decode("cp1252")
+    return text or MISSING
+
+
+def _person_name(value: str | None) -> str:
+    """A DICOM person name (PN) as shown: "Family, Given Middle Prefix Suffix" of its first group.
+
+    The alphabetic group is shown, or the ideographic or phonetic one when it is empty.
+    """
+    if value is None:
+        return MISSING
+    group = next((g for g in value.split("=") if g.strip("^ ")), "")
+    family, given, middle, prefix, suffix = ([*group.split("^"), "", "", "", ""])[:5]
+    first = " ".join(part.strip() for part in (given, middle, prefix, suffix) if part.strip())
+    shown = ", ".join(part for part in (family.strip(), first) if part)
+    return _header_text(shown)
+
+
+@dataclass(frozen=True)
+class ReportHeader:
+    """Who and what the report is about: shown in the header of every page, copied from the CT.
+
+    The values are identifiers: they are drawn into the PDF only, never logged.
+
+    Attributes:
+        patient_name: PatientName (as DICOM stores it, ``Family^Given^Middle^Prefix^Suffix``).
+        patient_id: PatientID.
+        birth_date: PatientBirthDate (YYYYMMDD).
+        accession_number: AccessionNumber.
+        study_date: StudyDate (YYYYMMDD).
+        series_description: SeriesDescription.
+    """
+
+    patient_name: str | None = None
+    patient_id: str | None = None
+    birth_date: str | None = None
+    accession_number: str | None = None
+    study_date: str | None = None
+    series_description: str | None = None
+
+    @classmethod
+    def from_dataset(cls, ds: pydicom.Dataset) -> ReportHeader:
+        """The header values of a CT instance (missing or empty attributes: None).
+
+        Args:
+            ds: any instance of the CT series the report is about.
+
+        Returns:
+            the header.
+        """
+
+        def value(keyword: str) -> str | None:
+            raw = ds.get(keyword)
+            if raw is None or raw == "":
+                return None
+            return "\\".join(str(v) for v in raw) if isinstance(raw, MultiValue) else str(raw)
+
+        return cls(
+            patient_name=value("PatientName"),
+            patient_id=value("PatientID"),
+            birth_date=value("PatientBirthDate"),
+            accession_number=value("AccessionNumber"),
+            study_date=value("StudyDate"),
+            series_description=value("SeriesDescription"),
+        )
+
+    def lines(self) -> list[list[tuple[str, float]]]:
+        """The header as drawn: two lines of (text, share of the line width) fields.
+
+        Returns:
+            ``[[name, ID, birth date], [accession, study date, series]]``, each text
+            ``"Label: value"`` with :data:`MISSING` for a missing value.
+        """
+
+        def date(value: str | None) -> str:
+            return display_date(value) if (value or "").strip() else MISSING
+
+        return [
+            [
+                (f"Patient: {_person_name(self.patient_name)}", 0.45),
+                (f"Patient ID: {_header_text(self.patient_id)}", 0.33),
+                (f"Birth date: {_header_text(date(self.birth_date))}", 0.22),
+            ],
+            [
+                (f"Accession: {_header_text(self.accession_number)}", 0.33),
+                (f"Study date: {_header_text(date(self.study_date))}", 0.22),
+                (f"Series: {_header_text(self.series_description)}", 0.45),
+            ],
+        ]
+
+
+def _fitted(text: str, width: float) -> tuple[str, float]:
+    """``text`` and a font size that fits ``width``: smaller type first, then an ellipsis at 5 pt."""
+    size = _HEADER_SIZE
+    while size > _HEADER_MIN_SIZE and stringWidth(text, _HEADER_FONT, size) > width:
+        size -= 0.5
+    if stringWidth(text, _HEADER_FONT, size) <= width:
+        return text, size
+    while text and stringWidth(text + "\u2026", _HEADER_FONT, size) > width:
+        text = text[:-1]
+    return text + "\u2026", size
+
+
+def _page_decorator(
+    result: SeriesResult, header: ReportHeader
+) -> Callable[[Canvas, SimpleDocTemplate], None]:
+    """onPage callback: the banner(s) and the patient and study header at the top and a page number
+    at the bottom of every page."""
     banner_lines = banners(result)
+    header_lines = header.lines()
+    line_width = _PAGE_WIDTH - 2 * _MARGIN
 
     def decorate(canvas: Canvas, doc: SimpleDocTemplate) -> None:
         canvas.saveState()
@@ -86,10 +217,19 @@ def _page_decorator(result: SeriesResult) -> Callable[[Canvas, SimpleDocTemplate
         for line, text in enumerate(banner_lines):
             y = top - (line + 1) * _BANNER_HEIGHT
             canvas.setFillColor(colors.HexColor(BANNER_RED) if line == 0 else colors.black)
-            canvas.rect(_MARGIN, y, _PAGE_WIDTH - 2 * _MARGIN, _BANNER_HEIGHT - 1 * mm, stroke=0, fill=1)
+            canvas.rect(_MARGIN, y, line_width, _BANNER_HEIGHT - 1 * mm, stroke=0, fill=1)
             canvas.setFillColor(colors.white)
             canvas.setFont("Helvetica-Bold", 12)
             canvas.drawCentredString(_PAGE_WIDTH / 2, y + 2.6 * mm, text)
+        canvas.setFillColor(colors.black)
+        header_top = top - len(banner_lines) * _BANNER_HEIGHT
+        for line, fields in enumerate(header_lines):
+            y, x = header_top - (line + 1) * _HEADER_LINE + 1 * mm, _MARGIN
+            for text, share in fields:
+                shown, size = _fitted(text, share * line_width - 2 * mm)
+                canvas.setFont(_HEADER_FONT, size)
+                canvas.drawString(x, y, shown)
+                x += share * line_width
         canvas.setFillColor(colors.grey)
         canvas.setFont("Helvetica", 8)
         canvas.drawString(_MARGIN, _MARGIN / 2, "Lung nodule semantic CLIP report")
@@ -118,8 +258,6 @@ class _PlaneGrid(Flowable):
 
     def draw(self) -> None:
         canvas = self.canv
-        rows, columns = self.planes.shape[1:]
-        seed_row, seed_column = seed_pixel_position((rows, columns))
         known = [w for w in self.attention if w is not None]
         focus = int(np.argmax(known)) if known else None
         for plane in range(len(PLANE_DIRECTIONS)):
@@ -130,7 +268,11 @@ class _PlaneGrid(Flowable):
             canvas.setFillColor(colors.black)
             canvas.setFont("Helvetica", 7.5)
             canvas.drawString(x0, top - self._TITLE + 1.3 * mm, plane_title(plane, self.attention[plane]))
-            image = Image.fromarray(grey_pixels(self.planes[plane]), mode="L")
+            display = plane_display(plane)
+            pixels = np.ascontiguousarray(display.apply(grey_pixels(self.planes[plane])))
+            rows, columns = pixels.shape
+            seed_row, seed_column = displayed_seed_position(plane, self.planes.shape)
+            image = Image.fromarray(pixels, mode="L")
             canvas.drawImage(ImageReader(image), x0, y0, width=self.cell, height=self.cell)
             if plane == focus:
                 canvas.setStrokeColor(colors.HexColor(BANNER_RED))
@@ -306,6 +448,7 @@ def render_report_pdf(
     study_description: str | None,
     series_description: str | None,
     study_date: str | None,
+    header: ReportHeader | None = None,
     compress: bool = True,
 ) -> bytes:
     """Draw the readable report of one CT series as a PDF.
@@ -313,15 +456,19 @@ def render_report_pdf(
     Page 1: banner(s), study and series description, study date, model identity, a summary table
     of the nodules. Then per nodule (new page): label, seed, probability of cancer (and each
     fold's), the nine planes with the seed marked and each plane's attention weight, and the
-    semantic findings in vocabulary order. Last: the skipped seeds and why. No patient name or
-    ID is written. Output is byte-identical for the same input (reportlab ``invariant``). Streams
-    are Flate-compressed binary (no ASCII85 layer); the planes are 8-bit grey images.
+    semantic findings in vocabulary order. Last: the skipped seeds and why. Every page starts with
+    the banner(s) and the ``header`` lines (patient name, patient ID, birth date, accession number,
+    study date, series description; an em dash for each missing value). Output is byte-identical
+    for the same input (reportlab ``invariant``). Streams are Flate-compressed binary (no ASCII85
+    layer); the planes are 8-bit grey images.
 
     Args:
         result: the series' results (nodule planes may be None: the grid is then left out).
         study_description: StudyDescription of the CT (None: "not described").
         series_description: SeriesDescription of the CT.
         study_date: StudyDate of the CT (DICOM YYYYMMDD, shown as YYYY-MM-DD).
+        header: the patient and study values of every page's header, usually
+            :meth:`ReportHeader.from_dataset` of the CT (None: every value shown as missing).
         compress: compress the page streams (False keeps the text operators readable, for tests).
 
     Returns:
@@ -331,7 +478,10 @@ def render_report_pdf(
         ValueError: a nodule's planes are not (9, H, W).
     """
     buffer = io.BytesIO()
-    top_margin = _MARGIN / 2 + len(banners(result)) * _BANNER_HEIGHT + 4 * mm
+    header = header if header is not None else ReportHeader()
+    top_margin = (
+        _MARGIN / 2 + len(banners(result)) * _BANNER_HEIGHT + len(header.lines()) * _HEADER_LINE + 4 * mm
+    )
     doc = SimpleDocTemplate(
         buffer,
         pagesize=A4,
@@ -355,7 +505,7 @@ def render_report_pdf(
     if result.skipped:
         story.append(PageBreak())
         story += _skipped_story(result.skipped, styles, width)
-    decorate = _page_decorator(result)
+    decorate = _page_decorator(result, header)
     with _binary_streams():
         doc.build(story, onFirstPage=decorate, onLaterPages=decorate)
     return buffer.getvalue()

@@ -34,7 +34,7 @@ import pydicom
 from deploy_app.dicom_io import write_dataset
 from deploy_app.findings import SeriesResult
 from deploy_app.report.dicom import encapsulated_pdf, secondary_capture
-from deploy_app.report.pdf import render_report_pdf
+from deploy_app.report.pdf import ReportHeader, render_report_pdf
 from deploy_app.sr import build_measurement_report
 
 ENCAPSULATED_PDF_TITLE = "Semantic CLIP nodule report"
@@ -67,6 +67,7 @@ class ReportInput:
             study_description=str(reference.get("StudyDescription", "")) or None,
             series_description=str(reference.get("SeriesDescription", "")) or None,
             study_date=str(reference.get("StudyDate", "")) or None,
+            header=ReportHeader.from_dataset(reference),
         )
 
 
@@ -132,8 +133,9 @@ class SecondaryCaptureWriter:
     name = "Secondary Capture montages (nodule_<n>_sc.dcm)"
 
     def write(self, report: ReportInput, folder: Path) -> None:
-        """Render and write one image per nodule, in nodule order."""
-        for number, image in enumerate(secondary_capture(report.result, report.reference), start=1):
+        """Render and write one image per nodule (each referencing the CT slice nearest its seed)."""
+        images = secondary_capture(report.result, report.reference, source_datasets=report.ct_datasets)
+        for number, image in enumerate(images, start=1):
             write_dataset(image, folder / f"nodule_{number}_sc.dcm")
 
 
