@@ -86,16 +86,25 @@ def _user_failure(series: str, error: BaseException) -> SeriesFailure:
 
 
 class CheckedDICOMDataLoaderOperator(DICOMDataLoaderOperator):
-    """The SDK's DICOM loader, skipping (with a warning naming the file) files pydicom cannot read.
+    """The SDK's DICOM loader, leaving out (with a warning naming the file) files pydicom cannot read.
 
     The SDK's loader ignores files that are not DICOM but lets any other reading error stop the
-    whole run (e.g. pydicom's TypeError on a SpecificCharacterSet that is not text). Each file's
-    header is read here first (without pixel data, so cheaply); only readable files go on to the
-    SDK's own loading, which groups them into studies and series.
+    whole run (e.g. pydicom's TypeError on a SpecificCharacterSet that is not text). Only then are
+    the files' headers checked one by one (without pixel data), and the SDK loads the readable ones
+    again: a study of good files is read once, as before.
     """
 
     def _load_data(self, files: list) -> list:  # the SDK's one per-file step; its name is private
-        return super()._load_data([file for file in files if _readable_dicom(file)])
+        try:
+            return super()._load_data(files)
+        except Exception:
+            for file in files:
+                if hasattr(file, "seek"):
+                    file.seek(0)
+            readable = [file for file in files if _readable_dicom(file)]
+            if len(readable) == len(files):
+                raise  # no file is unreadable: the error is not a file's
+            return super()._load_data(readable)
 
 
 def _readable_dicom(file) -> bool:
