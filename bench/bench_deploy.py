@@ -26,6 +26,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 os.environ.setdefault("HOLOSCAN_LOG_LEVEL", "WARN")  # before holoscan is imported
@@ -143,7 +144,7 @@ def measure(work: Path, folds: int, repeats: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--work", type=Path, default=Path("/tmp/lnsc_bench_deploy"))
+    parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "lnsc_bench_deploy")
     parser.add_argument("--folds", type=int, nargs="+", default=[1, 5])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--measure", type=int, help=argparse.SUPPRESS)  # internal: one configuration
