@@ -451,19 +451,12 @@ def comprehensive_3d_sr_without_tree_copy(
 # --------------------------------------------------------------------------------------------------
 
 
-def _probability(value: float, what: str) -> float:
-    number = float(value)
-    if not 0.0 <= number <= 1.0:
-        raise ValueError(f"{what} must be a probability in [0, 1], got {value!r}")
-    return number
-
-
 def _certainty_of_feature(column: str, value_name: str, probability: float) -> hd.sr.Measurement:
     """NUM Certainty of Feature = probability, modified by (feature concept) = (value code)."""
     feature = FEATURE_BY_COLUMN[column]
     measurement = hd.sr.Measurement(
         name=CERTAINTY_OF_FEATURE,
-        value=_probability(probability, f"probability of {column} = {value_name}"),
+        value=float(probability),
         unit=NO_UNITS,
     )
     modifier = hd.sr.CodeContentItem(
@@ -496,7 +489,7 @@ def nodule_result_group(
     measurements = [
         hd.sr.Measurement(
             name=PROBABILITY_OF_CANCER,
-            value=_probability(nodule.malignancy, "the probability of cancer"),
+            value=float(nodule.malignancy),  # NoduleResult checked it is in [0, 1]
             unit=NO_UNITS,
             derivation=MEAN if mean_of_folds else None,
             algorithm_id=algorithm,
