@@ -23,6 +23,7 @@ from pathlib import Path
 import pydicom
 from pydicom import Dataset
 from pynetdicom import AE, DEFAULT_TRANSFER_SYNTAXES, evt
+from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.events import Event
 from pynetdicom.presentation import PresentationContext, build_context
 from pynetdicom.sop_class import (
@@ -245,6 +246,7 @@ class StorageServer:
         """Start listening in a background thread; returns the bound address."""
         handlers = [
             (evt.EVT_C_STORE, self._handle_store),
+            (evt.EVT_CONN_OPEN, bind_store_answer_first),
             (evt.EVT_REJECTED, _log_rejection),
             *_connection_handlers(self._tcp_nodelay),
             *self._extra_handlers,
@@ -305,6 +307,47 @@ class StorageServer:
             logger.error("study %s: cannot write a received instance: %s", study_uid, error)
             return refusal(STATUS_OUT_OF_RESOURCES, "the received instance cannot be stored")
         return STATUS_SUCCESS
+
+
+_C_STORE_RQ = 0x0001
+
+
+def bind_store_answer_first(event: Event) -> None:
+    """``EVT_CONN_OPEN`` handler: put :func:`answer_store_without_instance_uid` first on the new
+    association's ``EVT_DIMSE_RECV``.
+
+    First, because pynetdicom stops calling an event's handlers at the first one that raises, and
+    its own logging handler (bound when the association is created) raises on exactly the request
+    ours must answer.
+    """
+    association = event.assoc
+    bound = list(association.get_handlers(evt.EVT_DIMSE_RECV))
+    for handler, _ in bound:
+        association.unbind(evt.EVT_DIMSE_RECV, handler)
+    association.bind(evt.EVT_DIMSE_RECV, answer_store_without_instance_uid)
+    for handler, args in bound:
+        association.bind(evt.EVT_DIMSE_RECV, handler, args)
+
+
+def answer_store_without_instance_uid(event: Event) -> None:
+    """``EVT_DIMSE_RECV`` handler: refuse a C-STORE request that has no Affected SOP Instance UID.
+
+    pynetdicom's service layer drops such a request (the UID is type 1) without calling any
+    C-STORE handler and without answering, so the sender would wait for its DIMSE timeout. This
+    handler runs when the message is decoded, before that check, and sends the refusal itself; the
+    request is then dropped by pynetdicom as before, so nothing is stored.
+    """
+    command = event.message.command_set
+    if command.get("CommandField") != _C_STORE_RQ or command.get("AffectedSOPInstanceUID"):
+        return
+    caller = event.assoc.requestor.ae_title
+    logger.error("C-STORE from %s: the request has no AffectedSOPInstanceUID; refused", caller)
+    response = C_STORE()
+    response.MessageIDBeingRespondedTo = command.get("MessageID")
+    response.AffectedSOPClassUID = command.get("AffectedSOPClassUID")
+    response.Status = STATUS_CANNOT_UNDERSTAND
+    response.ErrorComment = "AffectedSOPInstanceUID is not a valid DICOM UID"
+    event.assoc.dimse.send_msg(response, event.message.context_id)
 
 
 def refusal(status: int, comment: str) -> Dataset:
