@@ -40,11 +40,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help=f"most seeds analysed per series; more fail the series (default {MAX_SEEDS_PER_SERIES})",
     )
     parser.add_argument(
+        "--finding-confidence",
+        type=float,
+        metavar="P",
+        help="report a semantic finding as a value only from this probability on, for every feature "
+        "(default: the thresholds recorded with the model, else 0.6); below it: indeterminate",
+    )
+    parser.add_argument(
         "-l", "--log-level", default="INFO", type=str.upper, choices=["DEBUG", "INFO", "WARNING", "ERROR"]
     )
     args = parser.parse_args(argv)
     if args.max_seeds < 1:
         parser.error("--max-seeds must be at least 1")
+    if args.finding_confidence is not None and not 0.0 < args.finding_confidence <= 1.0:
+        parser.error("--finding-confidence must be a probability in (0, 1]")
     for name, variable in _ENV.items():
         if getattr(args, name) is None:
             value = os.environ.get(variable)
@@ -66,7 +75,13 @@ def main(argv: list[str] | None = None) -> int:
     # ... except the loader's notes on ignored files and dropped duplicate slices, which change inputs.
     logging.getLogger("monai.deploy.operators.dicom_data_loader_operator").setLevel(logging.INFO)
     try:
-        outcome = process_folder(args.input, args.output, args.model, max_seeds=args.max_seeds)
+        outcome = process_folder(
+            args.input,
+            args.output,
+            args.model,
+            max_seeds=args.max_seeds,
+            finding_confidence=args.finding_confidence,
+        )
     except UserInputError as error:
         print(f"error: {user_message(error)}", file=sys.stderr)
         return EXIT_INPUT

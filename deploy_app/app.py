@@ -160,6 +160,7 @@ def process_folder(
     seed_sources: Sequence[SeedSource] = DEFAULT_SOURCES,
     max_seeds: int = MAX_SEEDS_PER_SERIES,
     report_writers: Sequence[ReportWriter] = DEFAULT_WRITERS,
+    finding_confidence: float | None = None,
 ) -> AppOutcome:
     """Run the application on one folder.
 
@@ -172,6 +173,8 @@ def process_folder(
         seed_sources: seed sources in order of precedence.
         max_seeds: most seeds analysed per series; a series with more fails with a message.
         report_writers: the outputs written per series, in order (add or drop one here).
+        finding_confidence: one confidence threshold for every semantic finding instead of the
+            model's recorded ones (ignored when ``models`` is given: set it when loading them).
 
     Returns:
         the written files and the series that failed (with messages).
@@ -189,7 +192,7 @@ def process_folder(
     if models is None:
         if model_dir is None:
             raise ValueError("give model_dir or models")
-        models = BundleModels.load(model_dir)
+        models = BundleModels.load(model_dir, finding_confidence=finding_confidence)
     app = SemanticCLIPApp(
         input_folder=input_dir,
         output_folder=output_dir,

@@ -23,6 +23,7 @@ from deploy_app.findings import ModelInfo, NoduleResult, NoduleSeed
 from scripts.deployed import DeployedBundle, select_device
 from scripts.errors import UserInputError
 from scripts.export import weight_bytes
+from scripts.finding_reliability import DEFAULT_CONFIDENCE, RELIABILITY_FILE
 from scripts.transforms import CLIPNormalize, windowed_planes_for_seeds
 
 __all__ = [
@@ -65,8 +66,20 @@ class BundleModels:
     info: ModelInfo
 
     @classmethod
-    def load(cls, bundle_dir: str | Path, device: str | torch.device | None = None) -> BundleModels:
+    def load(
+        cls,
+        bundle_dir: str | Path,
+        device: str | torch.device | None = None,
+        *,
+        finding_confidence: float | None = None,
+    ) -> BundleModels:
         """Open ``bundle_dir`` and load every fold (and its calibrators, when present) onto ``device``.
+
+        Args:
+            bundle_dir: the bundle, or a model set inside one.
+            device: torch device (default: CUDA when available).
+            finding_confidence: one confidence threshold for every semantic finding, instead of
+                the thresholds recorded with the model (or the default, without a record).
 
         Raises:
             UserInputError: see :meth:`scripts.deployed.DeployedBundle.open` (the identity is required:
@@ -75,12 +88,25 @@ class BundleModels:
         use_simple_torchscript_executor()
         bundle = DeployedBundle.open(bundle_dir, device)
         ensemble = bundle.ensemble
+        reliability = bundle.reliability
+        if finding_confidence is not None:
+            features = [column["feature"] for column in ensemble.predictors.layout.get("columns", [])]
+            reliability = reliability.with_confidence(finding_confidence, features)
+            logger.info("finding confidence threshold set to %.2f for every feature", finding_confidence)
+        elif not reliability.recorded:
+            logger.warning(
+                "the model has no finding reliability record (%s): every semantic finding below the "
+                "default confidence %.2f is reported as indeterminate, and no AUROC is shown",
+                RELIABILITY_FILE,
+                DEFAULT_CONFIDENCE,
+            )
         info = ModelInfo(
             name=bundle.identity.name,
             version=bundle.identity.version,
             folds=len(ensemble.folds),
             calibrated=ensemble.calibrators is not None,
             untrained_demo=bundle.untrained_demo,
+            reliability=reliability,
         )
         logger.info(
             "model bundle %s %s: %d fold(s), %s, on %s; weights held: %.0f MB (%.0f MB identical across "

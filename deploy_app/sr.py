@@ -28,6 +28,15 @@ Document
 
 One measurement group per nodule (TID 1410 Planar ROI Measurements and Qualitative Evaluations)
 ---------------------------------------------------------------------------------------------
+Why TID 1410 (PS3.16): the app knows each nodule by one seed point, not by a contour or a volume.
+TID 1501 (Measurement and Qualitative Evaluation Group) has no image region, so it could not carry
+the seed; TID 1411 (Volumetric ROI) describes a volume (a surface or a set of planar regions), which
+the app does not compute; TID 1410 takes one Image Region as SCOORD3D with any graphic type but
+MULTIPOINT, so a POINT in the CT's frame of reference is a region TID 1410 defines. The measurements
+are TID 300 rows of TID 1410's measurement slot (TID 1419 ROI Measurements, which includes TID
+300), the findings its qualitative evaluations, and the algorithm identification TID 4019 on the
+probability (TID 300 row 6).
+
 ============================================  =========================================================
 Content item                                  Encoding
 ============================================  =========================================================
@@ -51,7 +60,10 @@ NUM (111011, DCM, "Certainty of Feature")     one per semantic feature: the prob
                                               300: repeated in all 17 it made up half the SR; the
                                               device observer names the algorithm)
 CODE (feature concept) = (value code)         one per semantic feature: the qualitative evaluation
-                                              (concept and value codes from scripts.vocabulary)
+                                              (concept and value codes from scripts.vocabulary), or
+                                              (82334004, SCT, "Indeterminate") when the predicted
+                                              value's probability is below the feature's confidence
+                                              threshold (see below)
 Image Region (111030, DCM), SCOORD3D POINT    the seed, world LPS mm (Graphic Data is FL, i.e. float32:
                                               about 1e-5 mm at chest coordinates), in the CT's Frame of
                                               Reference
@@ -63,6 +75,17 @@ in fact the type of feature identified", which is exactly the zero-shot probabil
 value. Encoding it as a TID 300 measurement whose concept modifier names the feature and value keeps
 every item inside rows the templates define (no private codes, no template extension), and lets a
 reader pair it with its evaluation by the feature concept (each feature appears once per group).
+
+Indeterminate findings: a coded value rather than a left-out item, so a reader still finds every
+feature in every group and can tell "not stated" from "not analysed". The feature's Certainty of
+Feature keeps naming the most probable value and its probability, so nothing the model said is
+lost. The threshold is the feature's recorded one (:mod:`scripts.finding_reliability`, derived
+from validation data) or 0.6 without a record; :meth:`deploy_app.findings.NoduleResult.findings`
+applies it, for the PDF and the Secondary Capture too.
+
+Every container (root, Imaging Measurements, the groups, the comments) is SEPARATE: its items are
+distinct findings, not one text (highdicom makes them CONTINUOUS, which dcmtk's ``dsr2html``
+renders as prose: bare numbers without their concept names).
 
 Numbers are written as DS (16 characters) and as FD Floating Point Value, so they read back exactly.
 
@@ -104,7 +127,7 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
 
 from deploy_app.findings import ModelInfo, NoduleResult, NoduleSeed, SeriesResult, SkippedSeed
-from scripts.vocabulary import FEATURE_BY_COLUMN, FEATURES, PRIVATE_SCHEME, Code
+from scripts.vocabulary import FEATURE_BY_COLUMN, PRIVATE_SCHEME, Code
 
 logger = logging.getLogger(__name__)
 
@@ -124,6 +147,8 @@ CERTAINTY_OF_FEATURE = CodedConcept.from_code(codes.DCM.CertaintyOfFeature)
 NO_UNITS = CodedConcept.from_code(codes.UCUM.NoUnits)
 COMMENT = CodedConcept.from_code(codes.DCM.Comment)
 MEAN = CodedConcept.from_code(codes.SCT.Mean)
+INDETERMINATE = CodedConcept.from_code(codes.SCT.Indeterminate)
+"""The value of a qualitative evaluation whose prediction is below its confidence threshold."""
 QUALITATIVE_EVALUATIONS = CodedConcept("C0034375", "UMLS", "Qualitative Evaluations")
 """TID 1500 row 12 container (not in pydicom's concept dictionary)."""
 
@@ -316,13 +341,27 @@ def nodule_group(
         content = group[0].ContentSequence
         items = [item for template in (*measurements, *evaluations) for item in template]
         group[0].ContentSequence = [*content[:-1], *items, *content[-1:]]
+    separate_content(group[0])
     return group
+
+
+def separate_content(container: hd.sr.ContainerContentItem) -> None:
+    """Mark a container's children as SEPARATE items rather than one CONTINUOUS text.
+
+    highdicom makes every container CONTINUOUS, which tells a renderer to run the children together
+    as prose: dcmtk's ``dsr2html`` then prints bare numbers without their concept names. Our
+    containers hold separate measurements and findings, which is what SEPARATE declares (the
+    templates used here do not constrain Continuity of Content).
+    """
+    container.ContinuityOfContent = "SEPARATE"
 
 
 def comments_container(comments: Sequence[str]) -> hd.sr.ContainerContentItem:
     """TID 1500 "Qualitative Evaluations" container holding one Comment TEXT item per string."""
     container = hd.sr.ContainerContentItem(
-        name=QUALITATIVE_EVALUATIONS, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS
+        name=QUALITATIVE_EVALUATIONS,
+        relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+        is_content_continuous=False,
     )
     container.ContentSequence = hd.sr.ContentSequence(
         [
@@ -386,6 +425,10 @@ def assemble_report(
         ),
     )
     root = report[0]
+    separate_content(root)
+    for child in root.ContentSequence:
+        if child.ValueType == "CONTAINER":  # Imaging Measurements
+            separate_content(child)
     if comments:
         root.ContentSequence.append(comments_container(comments))
     return comprehensive_3d_sr_without_tree_copy(
@@ -469,12 +512,11 @@ def _certainty_of_feature(column: str, value_name: str, probability: float) -> h
     return measurement
 
 
-def _ordered_columns(semantic: Mapping[str, Mapping[str, float]]) -> list[str]:
-    """The nodule's feature columns in vocabulary order; an unknown column is a programming error."""
+def _check_known_columns(semantic: Mapping[str, Mapping[str, float]]) -> None:
+    """An unknown feature column is a programming error: the SR has no code for it."""
     unknown = sorted(set(semantic) - set(FEATURE_BY_COLUMN))
     if unknown:
         raise ValueError(f"unknown semantic feature column(s): {', '.join(unknown)}")
-    return [feature.column for feature in FEATURES if feature.column in semantic]
 
 
 def nodule_result_group(
@@ -496,16 +538,12 @@ def nodule_result_group(
         )
     ]
     evaluations = []
-    for column in _ordered_columns(nodule.semantic):
-        value_name, probability = nodule.predicted_value(column)
-        feature = FEATURE_BY_COLUMN[column]
-        measurements.append(_certainty_of_feature(column, value_name, probability))
-        evaluations.append(
-            hd.sr.QualitativeEvaluation(
-                name=_vocabulary_concept(feature.code),
-                value=_vocabulary_concept(feature.value(value_name).code),
-            )
-        )
+    _check_known_columns(nodule.semantic)
+    for finding in nodule.findings(model.reliability):
+        feature = FEATURE_BY_COLUMN[finding.column]
+        measurements.append(_certainty_of_feature(finding.column, finding.value, finding.probability))
+        value = _vocabulary_concept(feature.value(finding.value).code) if finding.confident else INDETERMINATE
+        evaluations.append(hd.sr.QualitativeEvaluation(name=_vocabulary_concept(feature.code), value=value))
     return nodule_group(
         nodule.seed,
         frame_of_reference_uid,

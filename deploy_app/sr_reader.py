@@ -1,8 +1,9 @@
 """Reading back a TID 1500 report written by :func:`deploy_app.sr.build_measurement_report`.
 
 Per nodule: the tracking identifier and UID, the seed point, the probability of cancer, each
-semantic feature's value paired with its Certainty of Feature (by the feature concept that the
-certainty carries as its concept modifier), and the algorithm name and version. Used by the tests,
+semantic feature's value (or "Indeterminate") paired with its Certainty of Feature (by the feature
+concept that the certainty carries as its concept modifier, whose value is the most probable one),
+and the algorithm name and version. Used by the tests,
 the PACS round trip and anyone checking what the app sent.
 """
 
@@ -17,7 +18,9 @@ import numpy as np
 import pydicom
 from highdicom.sr import CodedConcept
 
+from deploy_app.findings import INDETERMINATE
 from deploy_app.sr import ALGORITHM_NAME, ALGORITHM_VERSION, CERTAINTY_OF_FEATURE, PROBABILITY_OF_CANCER
+from deploy_app.sr import INDETERMINATE as INDETERMINATE_CONCEPT
 from scripts.vocabulary import FEATURE_BY_COLUMN, FEATURES, Code
 
 
@@ -26,14 +29,22 @@ class ReadFeature:
     """One semantic finding read back from a report.
 
     Attributes:
-        value: canonical value name of the vocabulary.
-        probability: the Certainty of Feature, or None when the report has none.
+        value: canonical value name of the vocabulary, or ``"Indeterminate"``.
+        probability: the Certainty of Feature of the most probable value, or None when the report has
+            none.
         code: the value's code as written.
+        most_probable: the value the Certainty of Feature names (for an indeterminate finding: the
+            candidate that stayed below its threshold), or None without one.
     """
 
     value: str
     probability: float | None
     code: Code
+    most_probable: str | None = None
+
+    @property
+    def indeterminate(self) -> bool:
+        return self.value == INDETERMINATE
 
 
 @dataclass(frozen=True)
@@ -122,12 +133,19 @@ def _read_group(group: hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations) -> 
         if column is None:
             continue
         code = _code_of(evaluation.value)
-        value = _value_name(column, code)
+        indeterminate = _same_concept(code, _code_of(INDETERMINATE_CONCEPT))
+        value = INDETERMINATE if indeterminate else _value_name(column, code)
         if value is None:
             raise ValueError(f"feature '{column}' has a value code not in the vocabulary: {code}")
         paired = probabilities.get(column)
-        probability = paired[1] if paired is not None and _same_concept(paired[0], code) else None
-        semantic[column] = ReadFeature(value=value, probability=probability, code=code)
+        most_probable = _value_name(column, paired[0]) if paired is not None else None
+        matches = paired is not None and (indeterminate or _same_concept(paired[0], code))
+        semantic[column] = ReadFeature(
+            value=value,
+            probability=paired[1] if matches else None,
+            code=code,
+            most_probable=most_probable,
+        )
     return ReadNodule(
         label=str(group.tracking_identifier),
         tracking_uid=str(group.tracking_uid),

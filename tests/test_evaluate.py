@@ -15,6 +15,7 @@ from conftest import BUNDLE_ROOT
 from scripts.calibration import BetaCalibration, save_calibration
 from scripts.cohort import read_cohort
 from scripts.export import export_torchscript, load_predictor
+from scripts.finding_reliability import confidence_threshold, read_finding_reliability
 from scripts.network import SemanticCLIP
 from scripts.transforms import LoadCT, nine_planes_for_seeds
 from training.evaluate import evaluate, main
@@ -32,6 +33,7 @@ OUTPUT_FILES = {
     "calibration.png",
     "semantic_auroc.png",
     "report.md",
+    "finding_reliability.json",
 }
 MARGINS = ["Smooth", "Lobulated", "Spiculated/Serrated"]
 
@@ -133,6 +135,21 @@ def test_predictions_file_end_to_end_on_all_nodules(case: dict[str, Path], tmp_p
     assert document["predictors"]["model"]["metrics"]["auroc"]["value"] == pytest.approx(
         metrics.loc["model", "auroc"]
     )
+    reliability = read_finding_reliability(out)
+    assert set(reliability.features) == {"nodule_margins"} and "subset 'all'" in reliability.source
+    margins = reliability.feature("nodule_margins")
+    assert margins.auroc == pytest.approx(weighted["auroc"])
+    assert (margins.auroc_low, margins.auroc_high) == pytest.approx(
+        (weighted["auroc_low"], weighted["auroc_high"])
+    )
+    cohort = pd.read_csv(case["cohort"], dtype={"pid": str, "nodule_id": str})
+    merged = predictions.merge(cohort[["pid", "nodule_id", "nodule_margins"]], on=["pid", "nodule_id"])
+    merged = merged[merged["nodule_margins"].notna()]
+    block = merged[[f"nodule_margins={m}" for m in MARGINS]].to_numpy()
+    correct = np.asarray(MARGINS, dtype=object)[block.argmax(axis=1)] == merged["nodule_margins"].to_numpy()
+    assert margins.n_annotated == len(merged)
+    assert margins.confidence_threshold is not None  # the synthetic predictions separate margins
+    assert margins.confidence_threshold == confidence_threshold(correct, block.max(axis=1))
     report = (out / "report.md").read_text()
     n_patients = predictions["pid"].nunique()
     assert f"Nodules: {len(predictions)} from {n_patients} patients" in report

@@ -28,7 +28,6 @@ from deploy_app.report import (
     SecondaryCaptureWriter,
     derivation_description,
     encapsulated_document_bytes,
-    finding_rows,
     nearest_instance,
     render_montage,
     render_report_pdf,
@@ -43,6 +42,10 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 DEFAULT_FILES = {"sr.dcm", "report.pdf", "report_pdf.dcm", "nodule_1_sc.dcm", "nodule_2_sc.dcm"}
 
 
+def _finding_rows(result: SeriesResult, nodule: NoduleResult) -> list[list[object]]:
+    return [[f.title, f.stated_value, f.probability] for f in nodule.findings(result.model.reliability)]
+
+
 class FindingsJsonWriter:
     """A site's own output: the finding rows of every nodule as JSON."""
 
@@ -50,7 +53,7 @@ class FindingsJsonWriter:
 
     def write(self, report: ReportInput, folder: Path) -> None:
         nodules = [
-            {"label": nodule.seed.label, "findings": [list(row) for row in finding_rows(nodule.semantic)]}
+            {"label": nodule.seed.label, "findings": _finding_rows(report.result, nodule)}
             for nodule in report.result.nodules
         ]
         (folder / "findings.json").write_text(json.dumps({"nodules": nodules}))
@@ -163,9 +166,7 @@ def test_a_site_adds_its_own_writer_and_drops_a_default(
     findings = json.loads((tmp_path / "out" / series_uid / "findings.json").read_text())
     result = outcome.results[series_uid]
     assert [n["label"] for n in findings["nodules"]] == [n.seed.label for n in result.nodules]
-    assert findings["nodules"][0]["findings"] == [
-        list(row) for row in finding_rows(result.nodules[0].semantic)
-    ]
+    assert findings["nodules"][0]["findings"] == _finding_rows(result, result.nodules[0])
 
 
 def test_a_failing_writer_fails_the_series_and_leaves_nothing(

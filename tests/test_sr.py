@@ -5,8 +5,10 @@ from __future__ import annotations
 import copy
 import io
 import os
+import re
 import stat
 import subprocess
+from html import unescape
 from pathlib import Path
 
 import highdicom as hd
@@ -31,13 +33,43 @@ from deploy_app.sr import (
     private_coding_scheme,
 )
 from deploy_app.sr_reader import read_measurement_report
+from scripts.finding_reliability import FeatureReliability, FindingReliability
 from scripts.vocabulary import FEATURE_BY_COLUMN, FEATURES, PRIVATE_SCHEME
 from training.dicom_ct import CTGeometry, SyntheticPatient, write_ct_series
 
 GEOMETRY = CTGeometry(
     shape=(12, 24, 28), pixel_spacing=(0.8, 0.7), slice_spacing=2.5, origin_lps=(-9.0, -8.0, -12.0)
 )
-MODEL = ModelInfo(name="lung_nodule_ct_semantic_clip", version="0.1.0", folds=5, calibrated=False)
+#: Every feature stated except two: cavitation never reached its precision target, and shape has no
+#: record, so it is stated only from the default threshold 0.6 on (which the top value of a
+#: four-valued feature in ``semantic_probabilities`` stays below).
+NEVER_CONFIDENT, UNRECORDED = "cavitation", "nodule_shape"
+RELIABILITY = FindingReliability(
+    {
+        feature.column: FeatureReliability(
+            feature.column,
+            auroc=0.8,
+            n_annotated=40,
+            confidence_threshold=None if feature.column == NEVER_CONFIDENT else 0.05,
+            threshold_basis="validation",
+        )
+        for feature in FEATURES
+        if feature.column != UNRECORDED
+    },
+    source="test record",
+)
+
+
+def is_stated(column: str, probability: float) -> bool:
+    """The rule the SR must follow, written out: above the threshold, or 0.6 without a record."""
+    if column == NEVER_CONFIDENT:
+        return False
+    return probability >= (0.6 if column == UNRECORDED else 0.05)
+
+
+MODEL = ModelInfo(
+    name="lung_nodule_ct_semantic_clip", version="0.1.0", folds=5, calibrated=False, reliability=RELIABILITY
+)
 #: Enough nodules that every value of every feature (at most 4 per feature) is predicted once.
 N_NODULES = max(len(feature.values) for feature in FEATURES)
 OWN_TRACKING_UID = "1.2.826.0.1.3680043.8.498.1234567"
@@ -98,7 +130,9 @@ def ct(tmp_path_factory: pytest.TempPathFactory) -> list[pydicom.Dataset]:
 
 @pytest.fixture(scope="module")
 def report_file(ct: list[pydicom.Dataset], tmp_path_factory: pytest.TempPathFactory) -> Path:
-    demo = ModelInfo(MODEL.name, MODEL.version, MODEL.folds, MODEL.calibrated, untrained_demo=True)
+    demo = ModelInfo(
+        MODEL.name, MODEL.version, MODEL.folds, MODEL.calibrated, untrained_demo=True, reliability=RELIABILITY
+    )
     sr = build_measurement_report(ct, make_result(demo, SKIPPED), institution_name="Test Hospital")
     return write_dataset(sr, tmp_path_factory.mktemp("sr-out") / "out" / "sr.dcm")
 
@@ -153,13 +187,16 @@ def test_dsrdump_shows_codes_and_probabilities(report_file: Path) -> None:
     assert f'="{DS(first.malignancy, auto_format=True)}" (1,UCUM,"no units")' in text
     for feature in FEATURES:
         value = feature.value(first.predicted_value(feature.column)[0])
-        code, name = value.code, feature.code
-        pair = (
-            f'({name.value},{name.scheme_designator},"{name.meaning}")='
-            f'({code.value},{code.scheme_designator},"{code.meaning}")'
-        )
-        assert f"contains CODE:{pair}" in text, pair
-        assert f"has concept mod CODE:{pair}" in text, pair
+        probability = first.predicted_value(feature.column)[1]
+        stated = value.code if is_stated(feature.column, probability) else codes.SCT.Indeterminate
+        assert f"contains CODE:{_dsrdump_pair(feature.code, stated)}" in text
+        # the certainty names the most probable value, stated or not
+        assert f"has concept mod CODE:{_dsrdump_pair(feature.code, value.code)}" in text
+
+
+def _dsrdump_pair(name: object, code: object) -> str:
+    """How dsrdump +Pc prints a CODE item: (name)=(value)."""
+    return "=".join(f'({c.value},{c.scheme_designator},"{c.meaning}")' for c in (name, code))  # type: ignore[attr-defined]
 
 
 def test_round_trip_gives_back_every_value(report_file: Path, ct: list[pydicom.Dataset]) -> None:
@@ -169,6 +206,7 @@ def test_round_trip_gives_back_every_value(report_file: Path, ct: list[pydicom.D
     uids = [n.tracking_uid for n in nodules]
     assert uids[1] == OWN_TRACKING_UID
     assert len(set(uids)) == len(uids)
+    indeterminate = set()
     for read, expected in zip(nodules, result.nodules, strict=True):
         np.testing.assert_allclose(read.position_lps, expected.seed.position_lps, atol=1e-4)  # FL
         assert read.frame_of_reference_uid == ct[0].FrameOfReferenceUID
@@ -179,11 +217,19 @@ def test_round_trip_gives_back_every_value(report_file: Path, ct: list[pydicom.D
         for feature in FEATURES:
             value, probability = expected.predicted_value(feature.column)
             got = read.semantic[feature.column]
-            assert got.value == value
-            assert got.code == feature.value(value).code
+            if not is_stated(feature.column, probability):
+                indeterminate.add(feature.column)
+                assert got.indeterminate and got.value == "Indeterminate"
+                assert got.code.value == codes.SCT.Indeterminate.value
+            else:
+                assert not got.indeterminate and got.value == value
+                assert got.code == feature.value(value).code
+            assert got.most_probable == value
             assert got.probability == pytest.approx(probability, abs=1e-12)
-    predicted = {(f.column, n.semantic[f.column].value) for n in nodules for f in FEATURES}
-    assert predicted == {(f.column, v.name) for f in FEATURES for v in f.values}
+    assert NEVER_CONFIDENT in indeterminate and UNRECORDED in indeterminate
+    stated = [f for f in FEATURES if f.column not in (NEVER_CONFIDENT, UNRECORDED)]
+    predicted = {(f.column, n.semantic[f.column].value) for n in nodules for f in stated}
+    assert predicted == {(f.column, v.name) for f in stated for v in f.values}
 
 
 def test_seed_sr_reads_back_without_findings(seed_sr_file: Path, ct: list[pydicom.Dataset]) -> None:
@@ -500,3 +546,57 @@ def test_a_downstream_reader_gets_each_nodules_findings_through_highdicoms_publi
         assert len(evaluations) == len(nodule.semantic)
         assert group.roi.graphic_type == hd.sr.GraphicTypeValues3D.POINT
         np.testing.assert_allclose(np.asarray(group.roi.value).ravel(), nodule.seed.position_lps, atol=1e-4)
+
+
+def test_a_downstream_reader_pairs_each_certainty_with_its_feature(report_file: Path) -> None:
+    """Each Certainty of Feature names its feature and value as its concept modifier: a consumer with
+    highdicom alone pairs them without relying on the order of the items."""
+    report = hd.sr.srread(report_file)
+    result = make_result()
+    for group, nodule in zip(report.content.get_planar_roi_measurement_groups(), result.nodules, strict=True):
+        certainties = {}
+        for measurement in group.get_measurements(name=codes.DCM.CertaintyOfFeature):
+            (modifier,) = [
+                item
+                for item in measurement[0].ContentSequence
+                if item.relationship_type == hd.sr.RelationshipTypeValues.HAS_CONCEPT_MOD
+            ]
+            certainties[modifier.name.meaning] = (modifier.value.meaning, measurement.value)
+        assert len(certainties) == len(nodule.semantic)
+        for column in nodule.semantic:
+            feature = FEATURE_BY_COLUMN[column]
+            value, probability = nodule.predicted_value(column)
+            meaning, number = certainties[feature.code.meaning]
+            assert meaning == feature.value(value).code.meaning
+            assert number == pytest.approx(probability)
+        stated = {e.name.meaning: e.value.meaning for e in group.get_qualitative_evaluations()}
+        assert stated[FEATURE_BY_COLUMN[NEVER_CONFIDENT].code.meaning] == "Indeterminate"
+
+
+def _html_text(html: str) -> str:
+    return re.sub(r"\s+", " ", unescape(re.sub(r"<[^>]+>", " ", html)))
+
+
+def test_dsr2html_shows_each_nodules_probability_with_its_label(report_file: Path) -> None:
+    """dcmtk renders SEPARATE containers item by item, with concept names (CONTINUOUS ones run the
+    values together as prose, without them)."""
+    tool = require_tool("dsr2html")
+    run = subprocess.run([tool, str(report_file)], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    blocks = _html_text(run.stdout).split("Measurement Group")[1:]
+    result = make_result()
+    assert len(blocks) == len(result.nodules)
+    for block, nodule in zip(blocks, result.nodules, strict=True):
+        assert f'Tracking Identifier = "{nodule.seed.label}"' in block
+        shown = re.search(r"Probability of cancer: ([0-9.]+) 1", block)
+        assert shown is not None, block[:400]
+        assert float(shown.group(1)) == pytest.approx(nodule.malignancy, abs=1e-12)
+        assert "Certainty of Feature:" in block
+        assert f"{FEATURE_BY_COLUMN[NEVER_CONFIDENT].code.meaning}: Indeterminate" in block
+
+
+def test_every_container_is_separate(report_file: Path) -> None:
+    ds = pydicom.dcmread(report_file)
+    containers = [ds, *(item for item in _all_items(ds) if item.ValueType == "CONTAINER")]
+    assert len(containers) == 3 + N_NODULES  # root, imaging measurements, groups, comments
+    assert {item.ContinuityOfContent for item in containers} == {"SEPARATE"}

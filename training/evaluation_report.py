@@ -4,8 +4,11 @@
 points, Brier score, ECE with patient-level bootstrap CIs; DeLong's paired test against each
 baseline; zero-shot semantic AUROC per feature). :func:`write_outputs` writes ``predictions.csv``,
 ``metrics.csv``, ``metrics.json``, ``semantic_auroc.csv``, ``roc.png``, ``precision_recall.png``,
-``calibration.png``, ``semantic_auroc.png`` (when a feature can be scored) and ``report.md`` into a
-temporary sibling of the output folder, renamed into place at the end.
+``calibration.png``, ``semantic_auroc.png`` (when a feature can be scored), ``report.md`` and
+``finding_reliability.json`` (each scored feature's AUROC and confidence threshold, see
+:mod:`scripts.finding_reliability`; copy it beside the models' ``calibration.json`` when the
+evaluated subset is the validation data) into a temporary sibling of the output folder, renamed into
+place at the end.
 """
 
 from __future__ import annotations
@@ -23,6 +26,12 @@ import pandas as pd
 from tqdm import tqdm
 
 from scripts.cohort import NoduleRecord
+from scripts.finding_reliability import (
+    RELIABILITY_FILE,
+    FeatureReliability,
+    FindingReliability,
+    confidence_threshold,
+)
 from scripts.vocabulary import FEATURE_BY_COLUMN, FEATURES
 from training.baselines import BASELINE_SEMANTIC, BASELINE_SIZE, BASELINES
 from training.metrics import (
@@ -59,6 +68,7 @@ class Results:
     semantic: dict[str, SemanticEvaluation]
     n_resamples: int
     seed: int
+    thresholds: dict[str, float | None]
 
 
 def compute_results(
@@ -87,6 +97,7 @@ def compute_results(
                 except ValueError as error:  # fewer than 2 of a class: no variance estimate
                     logger.warning("DeLong test of %s vs %s not computed: %s", name, baseline, error)
     semantic: dict[str, SemanticEvaluation] = {}
+    thresholds: dict[str, float | None] = {}
     for feature in FEATURES:
         names = [f"{feature.column}={v.name}" for v in feature.values]
         if not all(n in semantic_probabilities for n in names):
@@ -96,7 +107,44 @@ def compute_results(
         evaluation = evaluate_semantic_feature(truth, probabilities, [v.name for v in feature.values], counts)
         if evaluation is not None:
             semantic[feature.column] = evaluation
-    return Results(binary, delong, semantic, n_resamples, seed)
+            thresholds[feature.column] = feature_confidence_threshold(
+                truth, probabilities, feature.value_names()
+            )
+    return Results(binary, delong, semantic, n_resamples, seed, thresholds)
+
+
+def feature_confidence_threshold(
+    truth: Sequence[str | None], probabilities: np.ndarray, values: Sequence[str]
+) -> float | None:
+    """The confidence threshold of one feature (:func:`scripts.finding_reliability.confidence_threshold`)
+    on its annotated nodules: the predicted value is the most probable one, as the deploy app reports it.
+    """
+    known = np.array([bool(t) for t in truth])
+    predicted = np.asarray(values, dtype=object)[np.argmax(probabilities, axis=1)]
+    correct = predicted == np.array([t or "" for t in truth], dtype=object)
+    return confidence_threshold(correct[known], probabilities.max(axis=1)[known])
+
+
+def finding_reliability(results: Results, context: dict[str, Any]) -> FindingReliability:
+    """The record the deploy app reads: per scored feature, its weighted AUROC and threshold."""
+    features = {
+        column: FeatureReliability(
+            column,
+            auroc=evaluation.weighted.value,
+            auroc_low=evaluation.weighted.low if math.isfinite(evaluation.weighted.low) else None,
+            auroc_high=evaluation.weighted.high if math.isfinite(evaluation.weighted.high) else None,
+            n_annotated=evaluation.n_annotated,
+            confidence_threshold=results.thresholds[column],
+            threshold_basis="validation",
+        )
+        for column, evaluation in results.semantic.items()
+    }
+    source = (
+        f"{context.get('bundle_name', '')} {context.get('bundle_version', '')}, subset "
+        f"'{context.get('subset', '')}' ({context.get('protocol', '')}), "
+        f"{context.get('n_nodules', 0)} nodules"
+    )
+    return FindingReliability(features, source.strip())
 
 
 def metrics_table(results: Results) -> pd.DataFrame:
@@ -417,6 +465,8 @@ def write_outputs(
         # NaN is not JSON: write null
         text = json.dumps(_json_safe(document), indent=2, allow_nan=False)
         (staging / "metrics.json").write_text(text + "\n")
+        reliability = finding_reliability(results, context).to_json()
+        (staging / RELIABILITY_FILE).write_text(json.dumps(reliability, indent=2, allow_nan=False) + "\n")
         _plot_curves(staging, labels, predictors, results)
         has_semantic_plot = _plot_semantic(staging, results)
         (staging / "report.md").write_text(render_report(context, results, has_semantic_plot))

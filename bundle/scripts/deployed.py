@@ -3,7 +3,9 @@
 A deployed bundle holds ``configs/metadata.json`` (its name and version), the exported predictor of
 every cross-validation fold (``models/fold_<k>/model.ts``, or one ``models/model.ts`` taken as fold 0,
 see :func:`scripts.export.exported_models`) and optionally ``models/calibration.json`` (one beta map
-per fold, see :mod:`scripts.calibration`). :meth:`DeployedBundle.open` reads and checks all of it:
+per fold, see :mod:`scripts.calibration`) and ``models/finding_reliability.json`` (what the validation
+data showed for each semantic finding, see :mod:`scripts.finding_reliability`).
+:meth:`DeployedBundle.open` reads and checks all of it:
 the identity, the calibration against the folds (one map for each fold model, no other) and the
 predictors, loaded once with the weights that are identical across folds stored once.
 
@@ -18,7 +20,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +29,7 @@ import torch
 from scripts.calibration import CALIBRATION_FILE, BetaCalibration, ensemble_probability, load_calibration
 from scripts.errors import UserInputError
 from scripts.export import FoldPredictors, exported_models, load_fold_predictors
+from scripts.finding_reliability import FindingReliability, read_finding_reliability
 from scripts.memory import release_freed_memory
 
 __all__ = [
@@ -263,11 +266,13 @@ class DeployedBundle:
         path: the bundle folder.
         identity: name and version.
         ensemble: the fold predictors and their calibrators.
+        reliability: the semantic findings' validation record (empty: none came with the models).
     """
 
     path: Path
     identity: BundleIdentity
     ensemble: FoldEnsemble
+    reliability: FindingReliability = field(default_factory=FindingReliability)
 
     @classmethod
     def open(
@@ -285,7 +290,8 @@ class DeployedBundle:
 
         Raises:
             UserInputError: the identity is missing (when required), the bundle holds no exported model,
-                the calibration file is invalid or does not match the folds, or a model cannot be loaded.
+                the calibration file is invalid or does not match the folds, the finding reliability
+                record is invalid, or a model cannot be loaded.
         """
         bundle, models = locate_models(path)
         identity = read_bundle_identity(bundle, required=require_identity)
@@ -293,7 +299,8 @@ class DeployedBundle:
         calibrators = bundle_calibrators(path)
         if calibrators is not None:
             check_calibration(calibrators, tuple(model_paths), models / CALIBRATION_FILE)
-        return cls(Path(path), identity, FoldEnsemble.load(model_paths, device, calibrators))
+        reliability = read_finding_reliability(models)
+        return cls(Path(path), identity, FoldEnsemble.load(model_paths, device, calibrators), reliability)
 
     @property
     def untrained_demo(self) -> bool:

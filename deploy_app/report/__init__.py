@@ -45,7 +45,8 @@ from deploy_app.report.rows import (
     MANUFACTURER,
     PLANE_NAMES,
     RESEARCH_BANNER,
-    finding_rows,
+    finding_text,
+    top_findings,
 )
 from deploy_app.report.writers import (
     DEFAULT_WRITERS,
@@ -81,7 +82,7 @@ __all__ = [
     "displayed_seed_position",
     "encapsulated_document_bytes",
     "encapsulated_pdf",
-    "finding_rows",
+    "finding_text",
     "montage_panel_origin",
     "nearest_instance",
     "plane_display",
@@ -90,4 +91,5 @@ __all__ = [
     "render_report_pdf",
     "secondary_capture",
     "seed_pixel_position",
+    "top_findings",
 ]

@@ -485,9 +485,11 @@ def render_montage(result: SeriesResult, nodule: NoduleResult) -> np.ndarray:
     probability = f"Probability of cancer: {percent(nodule.malignancy)}"
     font = _font(_PROBABILITY_TEXT, bold=True)
     draw.text((_TEXT_LEFT, text_top + 27), probability, font=font, fill=MARKER_COLOUR, anchor="la")
-    lines = [f"{title}: {value} ({percent(p)})" for title, value, p in top_findings(nodule)]
+    lines = [f"{f.title}: {f.value} ({percent(f.probability)})" for f in top_findings(result, nodule)]
+    if not lines:
+        lines = ["No finding reaches its confidence threshold"]
     half = (len(lines) + 1) // 2
-    for column, chunk in enumerate((lines[:half], lines[half:])):  # two columns, most probable first
+    for column, chunk in enumerate((lines[:half], lines[half:])):  # two columns, most certain first
         for row, line in enumerate(chunk):
             place = (_TEXT_LEFT + column * width * 0.49, text_top + 63 + row * _FINDING_STEP)
             draw.text(place, line, font=_font(_FINDING_TEXT), fill="white", anchor="la")

@@ -58,19 +58,22 @@ from deploy_app.report.rows import (
     MANUFACTURER,
     banners,
     display_date,
-    finding_rows,
+    finding_text,
     model_line,
     percent,
     plane_attention,
     plane_title,
     position,
     probability_basis,
+    reliability_note,
+    threshold_text,
 )
 from scripts.transforms import PLANE_DIRECTIONS
 
 _SEMANTIC_NOTE = (
     "Zero-shot findings: similarity of the image embedding to one text prompt per value; "
-    "they explain the image, they are not a radiologist's reading."
+    "they explain the image, they are not a radiologist's reading. A finding whose most probable "
+    "value stays below its confidence threshold is reported as indeterminate."
 )
 _PLANES_NOTE = (
     "The planes the model saw (50 x 50 mm at 1 mm, window -1000..500 HU), shown in radiological "
@@ -370,7 +373,9 @@ def _header_story(
     return story
 
 
-def _nodule_story(nodule: NoduleResult, styles: dict[str, ParagraphStyle], width: float) -> list[Flowable]:
+def _nodule_story(
+    result: SeriesResult, nodule: NoduleResult, styles: dict[str, ParagraphStyle], width: float
+) -> list[Flowable]:
     heading = [
         Paragraph(escape(nodule.seed.label), styles["h2"]),
         Paragraph(f"Seed: {escape(position(nodule.seed.position_lps))}", styles["body"]),
@@ -389,16 +394,25 @@ def _nodule_story(nodule: NoduleResult, styles: dict[str, ParagraphStyle], width
         note = Paragraph(_PLANES_NOTE, styles["small"])
         story.append(KeepTogether([*heading, grid, Spacer(1, 1.5 * mm), note]))
     findings: list[Flowable] = [Paragraph("Semantic findings", styles["h2"])]
-    rows = finding_rows(nodule.semantic)
+    rows = nodule.findings(result.model.reliability)
     if rows:
-        table_rows: list[list[object]] = [["Feature", "Predicted value", "Probability"]]
-        table_rows += [
-            [title, Paragraph(escape(value), styles["cell"]), percent(probability)]
-            for title, value, probability in rows
+        table_rows: list[list[object]] = [
+            ["Feature", "Reported value", "Probability", "Threshold", "Model separation"]
         ]
-        findings.append(_table(table_rows, (0.42 * width, 0.38 * width, 0.2 * width)))
+        table_rows += [
+            [
+                Paragraph(escape(f.title), styles["cell"]),
+                Paragraph(escape(finding_text(f)), styles["cell"]),
+                percent(f.probability),
+                threshold_text(f),
+                Paragraph(escape(f.reliability.separation()), styles["cell"]),
+            ]
+            for f in rows
+        ]
+        widths = (0.27 * width, 0.25 * width, 0.13 * width, 0.11 * width, 0.24 * width)
+        findings.append(_table(table_rows, widths))
         findings.append(Spacer(1, 1.5 * mm))
-        findings.append(Paragraph(_SEMANTIC_NOTE, styles["small"]))
+        findings.append(Paragraph(f"{_SEMANTIC_NOTE} {reliability_note(result)}", styles["small"]))
     else:
         findings.append(Paragraph("No semantic findings.", styles["body"]))
     story.append(KeepTogether(findings))  # the heading never stays behind on the planes' page
@@ -501,7 +515,7 @@ def render_report_pdf(
     story = _header_story(result, styles, study_description, series_description, study_date, width)
     for nodule in result.nodules:
         story.append(PageBreak())
-        story += _nodule_story(nodule, styles, width)
+        story += _nodule_story(result, nodule, styles, width)
     if result.skipped:
         story.append(PageBreak())
         story += _skipped_story(result.skipped, styles, width)

@@ -9,11 +9,11 @@ Pure functions of a :class:`~deploy_app.findings.SeriesResult` and its nodules; 
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
-from deploy_app.findings import NoduleResult, SeriesResult
+from deploy_app.findings import INDETERMINATE, Finding, NoduleResult, SeriesResult, most_certain
+from scripts.finding_reliability import DEFAULT_CONFIDENCE
 from scripts.transforms import PLANE_DIRECTIONS
-from scripts.vocabulary import FEATURE_BY_COLUMN, FEATURES
 
 RESEARCH_BANNER = "RESEARCH USE ONLY \u2014 not for clinical decisions"
 """Shown at the top of every PDF page and every Secondary Capture image."""
@@ -45,44 +45,41 @@ def banners(result: SeriesResult) -> list[str]:
     return [RESEARCH_BANNER, DEMO_BANNER] if result.model.untrained_demo else [RESEARCH_BANNER]
 
 
-def finding_rows(semantic: Mapping[str, Mapping[str, float]]) -> list[tuple[str, str, float]]:
-    """The semantic findings as (feature title, predicted value, probability), in vocabulary order.
-
-    Features missing from ``semantic`` are left out; columns the vocabulary does not know follow
-    in their given order under their column name.
-
-    Args:
-        semantic: feature column -> value -> probability.
-
-    Returns:
-        one row per feature present.
-    """
-    known = [feature.column for feature in FEATURES if feature.column in semantic]
-    unknown = [column for column in semantic if column not in FEATURE_BY_COLUMN]
-    rows = []
-    for column in (*known, *unknown):
-        values = semantic[column]
-        if not values:
-            continue
-        value = max(values, key=values.__getitem__)
-        title = FEATURE_BY_COLUMN[column].title if column in FEATURE_BY_COLUMN else column
-        rows.append((title, value, float(values[value])))
-    return rows
+def finding_text(finding: Finding) -> str:
+    """A finding's reported value as shown: ``"Present"``, or ``"Indeterminate (Present?)"`` below its
+    confidence threshold (the most probable value follows with a question mark)."""
+    return finding.value if finding.confident else f"{INDETERMINATE} ({finding.value}?)"
 
 
-def top_findings(nodule: NoduleResult, limit: int = 6) -> list[tuple[str, str, float]]:
-    """The findings worth burning into a picture: predicted values other than "Absent", most probable
-    first (the PDF lists every feature).
+def threshold_text(finding: Finding) -> str:
+    """The confidence threshold a finding was compared with: ``"60.0 %"``, or ``"never"`` when the
+    validation data never reached the target precision."""
+    threshold = finding.reliability.confidence_threshold
+    return "never" if threshold is None else percent(threshold)
 
-    Args:
-        nodule: the analysed nodule.
-        limit: most rows returned.
 
-    Returns:
-        rows as :func:`finding_rows` gives them.
-    """
-    rows = [row for row in finding_rows(nodule.semantic) if row[1] != "Absent"]
-    return sorted(rows, key=lambda row: -row[2])[:limit]
+def reliability_note(result: SeriesResult) -> str:
+    """Where the confidence thresholds and AUROCs come from, in one sentence."""
+    reliability = result.model.reliability
+    if not reliability.recorded:
+        return (
+            "No validation record of the findings came with the model: every finding uses the default "
+            f"confidence threshold of {100.0 * DEFAULT_CONFIDENCE:.0f} %, and none has a measured AUROC."
+        )
+    return (
+        "Thresholds: the probability from which zero-shot precision reached "
+        f"{100.0 * reliability.target_precision:.0f} % on the model's validation data "
+        f"({reliability.source}); "
+        'AUROC: how well the model separates the feature\'s values there ("at chance": not better than a '
+        "coin toss). Features without a record use the default threshold of "
+        f"{100.0 * DEFAULT_CONFIDENCE:.0f} %."
+    )
+
+
+def top_findings(result: SeriesResult, nodule: NoduleResult, limit: int = 6) -> list[Finding]:
+    """The findings worth burning into a picture: confident, other than "Absent", most certain first
+    (normalised margin; the PDF lists every feature)."""
+    return most_certain(nodule.findings(result.model.reliability), limit, include_absent=False)
 
 
 def percent(probability: float) -> str:
