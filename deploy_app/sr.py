@@ -91,15 +91,14 @@ Numbers are written as DS (16 characters) and as FD Floating Point Value, so the
 
 Cost
 ----
-Content items are highdicom's, but two of highdicom's whole-tree passes are skipped because this
-content cannot need them: a measurement group gets its measurements after construction (the
-constructor searches each one's subtree for coordinates), and the document is constructed around
-the root container without its children (the constructor deep-copies the tree, parses the copy back
-and searches it for image references), which are attached afterwards
+Every content item and template (TID 1410 groups, TID 300 measurements, qualitative evaluations)
+is built with highdicom's public constructors, so highdicom's checks run on them. One whole-tree
+pass is skipped: the document is constructed around the root container without its children (the
+constructor deep-copies the tree, parses the copy back and searches it for image references, about
+three quarters of the time to build a report), which are attached afterwards
 (:func:`comprehensive_3d_sr_without_tree_copy`, the one function that writes a private highdicom
-attribute); tests check that both give exactly what highdicom's constructors give. Those passes
-were most of the time to build a report (``bench/bench_writers.py`` times the report with
-highdicom's document constructor too, and prints the SR's size and time to write).
+attribute; a test checks that it gives exactly what highdicom's constructor gives).
+``bench/bench_writers.py`` times the report with highdicom's document constructor too.
 
 Report-level comments
 ---------------------
@@ -319,7 +318,7 @@ def nodule_group(
         seed: the nodule seed (its position is world LPS mm in ``frame_of_reference_uid``).
         frame_of_reference_uid: the CT's Frame of Reference UID.
         tracking_uid: the group's Tracking Unique Identifier.
-        measurements: TID 300 measurements of the group (none may carry SCOORD/SCOORD3D items).
+        measurements: TID 300 measurements of the group.
         evaluations: qualitative evaluations of the group.
     """
     point = np.asarray([seed.position_lps], dtype=np.float64)
@@ -333,14 +332,9 @@ def nodule_group(
         referenced_region=region,
         finding_type=FINDING_NODULE,
         finding_sites=[hd.sr.FindingSite(anatomic_location=FINDING_SITE_LUNG)],
+        measurements=list(measurements) or None,
+        qualitative_evaluations=list(evaluations) or None,
     )
-    if measurements or evaluations:
-        # Added here rather than through the constructor, which searches every measurement's
-        # subtree twice for coordinates (half the cost of a results group; ours carry none). The
-        # constructor would put them right before the region, the last item.
-        content = group[0].ContentSequence
-        items = [item for template in (*measurements, *evaluations) for item in template]
-        group[0].ContentSequence = [*content[:-1], *items, *content[-1:]]
     separate_content(group[0])
     return group
 

@@ -29,7 +29,6 @@ from deploy_app.sr import (
     build_seed_sr,
     comprehensive_3d_sr_without_tree_copy,
     device_observer_uid,
-    nodule_group,
     private_coding_scheme,
 )
 from deploy_app.sr_reader import read_measurement_report
@@ -486,40 +485,6 @@ def test_the_private_content_workaround_still_matches_highdicom(ct: list[pydicom
     assert _bytes_without_construction_time(fast) == _bytes_without_construction_time(public)
     groups = hd.sr.MeasurementReport.from_sequence(fast.content).get_planar_roi_measurement_groups()
     assert [group.tracking_identifier for group in groups] == ["Nodule 1", "Nodule 2"]
-
-
-def test_nodule_group_equals_highdicoms_own() -> None:
-    """nodule_group adds measurements and evaluations itself (skipping highdicom's coordinate search):
-    the group is item for item the one highdicom's constructor makes."""
-    seed = NoduleSeed((1.0, 2.0, 3.0), "Nodule 1", "test")
-    algorithm = hd.sr.AlgorithmIdentification(name="a", version="1")
-
-    def measurements() -> list[hd.sr.Measurement]:
-        return [
-            hd.sr.Measurement(name=codes.DCM.ProbabilityOfCancer, value=0.25, unit=codes.UCUM.NoUnits),
-            hd.sr.Measurement(
-                name=codes.DCM.CertaintyOfFeature, value=0.5, unit=codes.UCUM.NoUnits, algorithm_id=algorithm
-            ),
-        ]
-
-    evaluations = [hd.sr.QualitativeEvaluation(name=codes.SCT.Shape, value=codes.SCT.Round)]
-    fast = nodule_group(seed, "1.2.3", "1.2.3.9", measurements=measurements(), evaluations=evaluations)
-    reference = hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
-        tracking_identifier=hd.sr.TrackingIdentifier(uid="1.2.3.9", identifier="Nodule 1"),
-        referenced_region=hd.sr.ImageRegion3D(
-            graphic_type=hd.sr.GraphicTypeValues3D.POINT,
-            graphic_data=np.asarray([seed.position_lps]),
-            frame_of_reference_uid="1.2.3",
-        ),
-        finding_type=codes.SCT.Nodule,
-        finding_sites=[hd.sr.FindingSite(anatomic_location=codes.SCT.Lung)],
-        measurements=measurements(),
-        qualitative_evaluations=evaluations,
-    )
-    names = [item.name.meaning for item in fast[0].ContentSequence]
-    assert names == [item.name.meaning for item in reference[0].ContentSequence]
-    assert fast[0].ContentSequence == reference[0].ContentSequence
-    assert names[-2:] == ["Shape", "Image Region"]
 
 
 def test_a_downstream_reader_gets_each_nodules_findings_through_highdicoms_public_api(

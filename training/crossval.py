@@ -32,22 +32,22 @@ import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
-import torch
-from monai.bundle import ConfigParser
 
+# Only light modules here: --help, a bad argument and a missing cohort answer before torch, MONAI and
+# open_clip load (seconds); the functions that need them import them.
 from scripts.bundle_files import BUNDLE_ROOT, copy_bundle
 from scripts.calibration import CALIBRATION_FILE, fit_beta_calibration, save_calibration
 from scripts.cohort import read_cohort, validate_cohort
-from scripts.deployed import FoldEnsemble
 from scripts.errors import UserInputError, exit_on_user_error
-from scripts.export import export_torchscript
 from scripts.split_folder import read_split_plan
-from training.model_outputs import predict_records
 from training.staging import new_output_folder
+
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger("training.crossval")
 
@@ -130,6 +130,8 @@ def train_fold(
         raise UserInputError(
             f"fold {fold}: training finished without {', '.join(missing)} in {fold_dir / 'models'}"
         )
+    import torch  # heavy: only once a fold has trained
+
     state = torch.load(fold_dir / "models" / "last.pt", map_location="cpu", weights_only=True)
     best = [max((priority for priority, _ in saver["_saved"]), default=None) for saver in state["savers"]]
     summary = {
@@ -142,6 +144,8 @@ def train_fold(
 
 def build_network(overrides: dict[str, Any]) -> torch.nn.Module:
     """The network exactly as train.json builds it with these overrides (random weights, CPU)."""
+    from monai.bundle import ConfigParser  # heavy: only when a network is built
+
     parser = ConfigParser()
     parser.read_config(str(BUNDLE_ROOT / "configs" / "train.json"))
     parser.update({**overrides, "pretrained": None, "device": "$torch.device('cpu')"})
@@ -168,6 +172,7 @@ def _label_policy(cohort: Path) -> Any:
 def _versions() -> dict[str, str]:
     import monai
     import open_clip
+    import torch
 
     return {
         "python": platform.python_version(),
@@ -215,6 +220,11 @@ def crossval(
         else:
             train_fold(fold, cohort, split_dir, fold_dir, overrides, device)
         results[fold] = json.loads((fold_dir / "complete.json").read_text())
+
+    # heavy (torch, MONAI, open_clip): only once every fold has trained
+    from scripts.deployed import FoldEnsemble
+    from scripts.export import export_torchscript
+    from training.model_outputs import predict_records
 
     with new_output_folder(out) as bundle:
         copy_bundle(bundle, exist_ok=True)

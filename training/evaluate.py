@@ -43,26 +43,22 @@ import argparse
 import logging
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 
+# Only light modules here: --help, a bad argument and a missing input path answer before torch and
+# open_clip load (scripts.deployed, training.model_outputs and training.evaluation_report import
+# them); evaluate() imports those after its argument and path checks.
 from scripts.cohort import NoduleRecord, read_cohort
-from scripts.deployed import DeployedBundle, bundle_calibrators, read_bundle_identity
 from scripts.errors import UserInputError, exit_on_user_error
 from scripts.split_folder import SplitPlan, read_split_plan
 from training.baselines import BASELINES, fit_baselines
-from training.evaluation_report import compute_results, with_ci, write_outputs
-from training.model_outputs import (
-    MODEL,
-    MODEL_CALIBRATED,
-    ModelOutputs,
-    listing,
-    predict_records,
-    predictions_file_folds,
-    read_predictions,
-)
+
+if TYPE_CHECKING:
+    from scripts.deployed import DeployedBundle
+    from training.model_outputs import ModelOutputs
 
 logger = logging.getLogger(__name__)
 
@@ -129,6 +125,8 @@ def _prediction_frame(
     calibrated_ensemble: np.ndarray | None,
     predictors: dict[str, np.ndarray],
 ) -> pd.DataFrame:
+    from training.model_outputs import MODEL, MODEL_CALIBRATED
+
     frame: dict[str, Any] = {
         "pid": [r.pid for r in records],
         "nodule_id": [r.nodule_id for r in records],
@@ -178,6 +176,18 @@ def evaluate(
         )
     if n_resamples < 0:
         raise UserInputError(f"--bootstrap must be 0 (no CIs) or more, got {n_resamples}")
+    _check_paths_exist(cohort, split_dir, bundle, predictions_csv)
+    # heavy (torch, open_clip): after every check that needs neither
+    from scripts.deployed import DeployedBundle, bundle_calibrators, read_bundle_identity
+    from training.evaluation_report import compute_results, write_outputs
+    from training.model_outputs import (
+        MODEL,
+        MODEL_CALIBRATED,
+        predict_records,
+        predictions_file_folds,
+        read_predictions,
+    )
+
     deployed: DeployedBundle | None = None
     if predictions_csv is None:
         # every check of the bundle (models, calibration against the folds) before the cohort's
@@ -262,7 +272,33 @@ def evaluate(
     return write_outputs(out_dir, frame, results, labels.astype(np.float64), predictors, context)
 
 
+def _check_paths_exist(
+    cohort: Path, split_dir: Path, bundle: Path | None, predictions_csv: Path | None
+) -> None:
+    """Refuse an input path that does not exist, before the models load (a typo answers at once).
+
+    Each message is the one the later, thorough check gives (named beside it), in the same order:
+    the bundle's models or the predictions file, then the cohort, then the split folder.
+    """
+    if predictions_csv is None:
+        folder = Path(bundle)  # type: ignore[arg-type]
+        # BUNDLE/models/<set> is a model set (scripts.deployed.locate_models): left to the full check
+        parent = folder.parent
+        model_set = parent.name == "models" and (parent.parent / "configs" / "metadata.json").is_file()
+        if not folder.is_dir() and not model_set:  # as scripts.export.exported_models says it
+            raise UserInputError(f"bundle folder '{folder}' does not exist or is not a folder")
+    elif not Path(predictions_csv).is_file():  # as training.model_outputs.predictions_file_folds
+        raise UserInputError(f"predictions file '{Path(predictions_csv)}' does not exist")
+    cohort_csv = Path(cohort).expanduser()
+    if not cohort_csv.is_file():  # as scripts.cohort.read_cohort
+        raise UserInputError(f"cohort CSV '{cohort_csv}' does not exist or is not a file")
+    if not Path(split_dir).is_dir():  # as scripts.split_folder.read_split_plan
+        raise UserInputError(f"split folder '{Path(split_dir)}' does not exist")
+
+
 def _check_images(cohort: Path, records: list[NoduleRecord]) -> None:
+    from training.model_outputs import listing
+
     missing = [f"line {r.line}: {r.image_path}" for r in records if not r.image_path.exists()]
     if missing:
         raise UserInputError(
@@ -314,6 +350,8 @@ def main(argv: list[str] | None = None) -> None:
         device=args.device,
         batch_size=args.batch_size,
     )
+    from training.evaluation_report import with_ci
+
     table = pd.read_csv(out / "metrics.csv")
     for row in table.itertuples():
         print(

@@ -41,17 +41,19 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import open_clip
-import torch
 from tqdm import tqdm
 
+# torch and open_clip take seconds to import: the functions that use them import them, so that --help,
+# a bad argument and a missing checkpoint folder answer at once.
 from scripts.bundle_files import BUNDLE_ROOT
-from scripts.clip_backbone import register_model_configs
 from scripts.errors import UserInputError, exit_on_user_error
-from scripts.export import export_torchscript
-from scripts.network import SemanticCLIP
+
+if TYPE_CHECKING:
+    import torch
+
+    from scripts.network import SemanticCLIP
 
 logger = logging.getLogger(__name__)
 
@@ -174,6 +176,8 @@ def reference_model_name(model: str) -> str:
     Returns:
         an open_clip model name.
     """
+    import open_clip
+
     match = re.fullmatch(r"openai_(?P<arch>[A-Za-z0-9]+-[A-Za-z0-9]+/\d+)(?:@(?P<res>\d+)px)?", model)
     if not match:
         raise UserInputError(
@@ -338,6 +342,8 @@ def convert_state_dict(
     Returns:
         the converted state dict (q/k/v stacked into ``in_proj``) and the plan used.
     """
+    import torch
+
     plan = plan_conversion({k: tuple(v.shape) for k, v in state.items()}, target_shapes, variant)
     check_plan(plan, source_file)
     converted = {
@@ -363,6 +369,8 @@ def lora_update_ratio(state: Mapping[str, torch.Tensor], scaling: float) -> floa
 
 def load_reference_state(path: Path) -> dict[str, torch.Tensor]:
     """``torch.load`` (weights only) of a ``{'model': state_dict}`` checkpoint file."""
+    import torch
+
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # a corrupt, truncated or non-weights-only pickle
@@ -439,6 +447,8 @@ class ImportSettings:
 
 def import_settings(args: Mapping[str, Any], args_path: Path, model_name: str | None) -> ImportSettings:
     """Validate the arguments the import needs and pick the open_clip architecture."""
+    import open_clip
+
     tuning = _argument(args, "tuning", str, args_path)
     if tuning not in SUPPORTED_TUNING:
         raise UserInputError(
@@ -481,6 +491,8 @@ def _optional(args: Mapping[str, Any], name: str, default: float | None) -> floa
 
 def build_network(settings: ImportSettings, model_config_dir: Path | None = None) -> SemanticCLIP:
     """The SemanticCLIP (plain open_clip keys, random weights) the checkpoints are loaded into."""
+    from scripts.network import SemanticCLIP
+
     return SemanticCLIP(
         settings.model_name,
         pretrained=None,
@@ -568,13 +580,15 @@ def import_reference(
     if out_dir.exists():
         raise UserInputError(f"{out_dir} already exists; remove it or choose another --out")
     config_dir = Path(model_config_dir) if model_config_dir else None
-    if config_dir is not None:
-        if not config_dir.is_dir():
-            raise UserInputError(f"--model-config-dir {config_dir} is not a folder")
-        register_model_configs(config_dir)
-    register_model_configs()
+    if config_dir is not None and not config_dir.is_dir():
+        raise UserInputError(f"--model-config-dir {config_dir} is not a folder")
     args_path = ckpt_dir / ARGS_FILE
     args = read_args(ckpt_dir)
+    from scripts.clip_backbone import register_model_configs  # heavy: after the checks of the folders
+
+    if config_dir is not None:
+        register_model_configs(config_dir)
+    register_model_configs()
     settings = import_settings(args, args_path, model_name)
     fold_files = _resolve_folds(ckpt_dir, args, folds, checkpoint_name)
     unparsed = sorted(k for k, v in args.items() if isinstance(v, Unparsed))
@@ -648,6 +662,10 @@ def _import_fold(
     metadata: dict[str, Any],
 ) -> dict[str, Any]:
     """Convert, load, save and export one fold; only this fold's tensors are alive meanwhile."""
+    import torch
+
+    from scripts.export import export_torchscript
+
     state = load_reference_state(source)
     layout = attention_layout(state)
     if layout != settings.variant:

@@ -361,6 +361,9 @@ def main(argv: list[str] | None = None) -> None:
     policy = LabelPolicy(args.malignant_at, args.benign_at, args.min_readers, args.keep_unlabelled)
     if args.out.suffix.lower() == ".json" or args.out.is_dir():
         raise UserInputError(f"--out {args.out} must be a CSV file name (its .json sidecar goes beside it)")
+    if args.dicom_root is not None and not args.dicom_root.is_dir():
+        # build_cohort's own check, said before pylidc loads (seconds) and clusters (minutes)
+        raise UserInputError(f"--dicom-root {args.dicom_root} is not a folder")
     if args.dicom_root is None:
         logger.warning(
             "no --dicom-root: world coordinates (coordX/Y/Z) need the LIDC DICOM headers, so they and "
