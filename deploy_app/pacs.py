@@ -14,6 +14,15 @@ the persistent send queue ``DIR/outbox/`` until the destination AE has stored ev
 cannot analyse goes to ``DIR/failed/`` beside a ``<run>.log`` that says why; one failing study
 never stops the listener.
 
+* **Failures reach the PACS.** For a study that fails (no usable CT series, no seeds, every seed
+  outside the scan, or given up after ``--max-attempts``) a one-page "Analysis not performed"
+  Encapsulated PDF (:mod:`deploy_app.report.failure_notice`, a new DOC series in the same study,
+  with the reason of each failing series) is written to ``DIR/outputs/<run>/`` and sent to the
+  destination through the outbox like results. The study stays in ``DIR/failed/`` for inspection.
+* **Received images are kept** ``--keep-received`` hours (default 0) after the study's results were
+  delivered (``DIR/done/``), then deleted; ``DIR/done/<run>.json`` records what was received and
+  sent and when, and the results stay in ``DIR/outputs/``. Failed studies are never deleted.
+
 * **Late instances.** A study received again after it was analysed is merged with the instances of
   its latest earlier run and analysed again as ``<study uid>_2`` (``_3``, ...); the re-run writes
   new SR, PDF and SC series (new UIDs) and the log says that they supersede the earlier results.
@@ -41,13 +50,21 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import signal
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import FrameType
 
-from deploy_app.pacs_dispatch import StudyDispatcher, StudyProcessor
+from deploy_app.pacs_dispatch import (
+    NOTICE_FILE,
+    FailureNoticeWriter,
+    FailureNotifier,
+    SeriesFailures,
+    StudyDispatcher,
+    StudyProcessor,
+)
 from deploy_app.pacs_net import (
     DEFAULT_AE_TITLE,
     DEFAULT_BIND,
@@ -83,6 +100,7 @@ from scripts.errors import UserInputError, exit_on_user_error
 __all__ = [
     "DEFAULT_AE_TITLE",
     "DEFAULT_BIND",
+    "DEFAULT_KEEP_RECEIVED_HOURS",
     "DEFAULT_MAX_ATTEMPTS",
     "DEFAULT_PORT",
     "DEFAULT_SEND_RETRY_MAX_SECONDS",
@@ -95,10 +113,14 @@ __all__ = [
     "ClaimedStudy",
     "DicomDestination",
     "DicomSender",
+    "FailureNoticeWriter",
+    "FailureNotifier",
+    "NOTICE_FILE",
     "QueuedSend",
     "ResultSender",
     "SendError",
     "SendQueue",
+    "SeriesFailures",
     "StorageServer",
     "StudyCollector",
     "StudyDispatcher",
@@ -119,13 +141,15 @@ __all__ = [
 logger = logging.getLogger("deploy_app.pacs")
 
 DEFAULT_STABLE_SECONDS = 10.0
+DEFAULT_KEEP_RECEIVED_HOURS = 0.0
 
 
 def app_processor(model_dir: Path) -> StudyProcessor:
     """The deploy app as a :data:`StudyProcessor`, with the bundle's models loaded once.
 
     A study where every CT series failed (no usable series, no seeds, ...) raises
-    :class:`~scripts.errors.UserInputError` with the app's messages; when some series succeed, the
+    :class:`~deploy_app.pacs_dispatch.SeriesFailures` (a :class:`~scripts.errors.UserInputError`)
+    with the app's message for each series; when some series succeed, the
     others' failures are logged and the written files are returned. Only DICOM files are returned
     (the app also keeps the plain PDF beside them).
     """
@@ -141,9 +165,11 @@ def app_processor(model_dir: Path) -> StudyProcessor:
             logger.warning("%s: %s", failure.series, failure.message)
         written = [path for path in outcome.files if is_dicom_file(path)]
         if not written and outcome.failures:
-            raise UserInputError("; ".join(f"{f.series}: {f.message}" for f in outcome.failures))
+            raise SeriesFailures([f"{f.series}: {f.message}" for f in outcome.failures])
         if not written:
-            raise UserInputError(f"no CT series in '{input_dir.name}' could be analysed (no results written)")
+            raise SeriesFailures(
+                [f"no CT series in '{input_dir.name}' could be analysed (no results written)"]
+            )
         return written
 
     return process
@@ -160,7 +186,8 @@ def run_listener(
     """Serve until ``stop`` is set (or, with ``once``, until one study was processed).
 
     The recovered studies' stability timers start here, once the processor is ready. Each poll
-    processes the stable studies, then retries the deliveries that are due. The study being
+    processes the stable studies, then retries the deliveries that are due, and deletes the
+    received instances of delivered studies kept long enough (``--keep-received``). The study being
     processed when ``stop`` is set is finished first; studies still arriving stay in ``incoming/``
     and undelivered results in ``outbox/``, both picked up by the next run. With ``once``, the
     first study's outcome ends the loop whether it was delivered, failed or queued for delivery
@@ -175,9 +202,11 @@ def run_listener(
     try:
         while not stop.wait(poll_seconds):
             outcomes += dispatcher.dispatch_stable(stop, limit=1 if once else None)
+            dispatcher.purge_received()
             if once and any(outcome.state != "retrying" for outcome in outcomes):
                 break
             outcomes += dispatcher.send_due(stop)
+            dispatcher.purge_received()
     finally:
         server.stop()
         pending = dispatcher.collector.pending_studies()
@@ -221,6 +250,16 @@ def _caller_list(text: str) -> list[str]:
     if too_long:
         raise argparse.ArgumentTypeError(f"AE title '{too_long[0]}' is longer than 16 characters")
     return callers
+
+
+def _hours_argument(text: str) -> float:
+    try:
+        hours = float(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a number of hours") from error
+    if math.isnan(hours) or hours < 0:
+        raise argparse.ArgumentTypeError(f"must be zero or more hours, got '{text}'")
+    return hours
 
 
 def _destination_argument(text: str) -> DicomDestination:
@@ -295,6 +334,15 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"the longest wait between delivery attempts (default {DEFAULT_SEND_RETRY_MAX_SECONDS:g})",
     )
     parser.add_argument(
+        "--keep-received",
+        type=_hours_argument,
+        default=DEFAULT_KEEP_RECEIVED_HOURS,
+        metavar="HOURS",
+        help="delete a study's received images this many hours after its results were delivered "
+        "(done/; done/<run>.json records the delivery); 0: right after (the default); inf: never. "
+        "Failed studies are always kept",
+    )
+    parser.add_argument(
         "--once",
         action="store_true",
         help="exit after the first study (exit status 1 unless it was processed and delivered; "
@@ -309,6 +357,7 @@ def main(
     argv: Sequence[str] | None = None,
     *,
     make_processor: Callable[[Path], StudyProcessor] = app_processor,
+    make_notifier: Callable[[Path], FailureNotifier] = FailureNoticeWriter,
 ) -> int:
     """Command-line entry point; returns the exit status.
 
@@ -316,6 +365,7 @@ def main(
         argv: the arguments (default: ``sys.argv[1:]``).
         make_processor: builds the processor from ``--model`` (the app; tests pass a stand-in,
             which the command line cannot).
+        make_notifier: builds the writer of the "analysis not performed" notice from ``--model``.
     """
     args = build_parser().parse_args(argv)
     # Libraries (pynetdicom, the SDK, highdicom) log every step at INFO: keep them to warnings
@@ -349,6 +399,8 @@ def main(
         max_attempts=args.max_attempts,
         send_retry_seconds=args.send_retry_seconds,
         send_retry_max_seconds=args.send_retry_max_seconds,
+        notifier=make_notifier(args.model),
+        keep_received_hours=args.keep_received,
     )
     server = StorageServer(
         collector,

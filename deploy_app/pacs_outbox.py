@@ -16,6 +16,12 @@ itself) and the results of one run only.
 When a study is re-analysed (late instances) while the results of its earlier run still wait,
 those are superseded: taken out of the queue, never sent, and filed in ``done/`` beside a
 ``<run>.log`` that says so.
+
+A study the app could not analyse stays in ``failed/<run>/``; its "analysis not performed" notice
+(:mod:`deploy_app.report.failure_notice`) goes through the same queue as a *notice* entry
+(``"notice": true`` in the state file, no instances moved into the outbox): retried like results,
+and once delivered noted in ``failed/<run>.log``; the study stays in ``failed/``. A notice still
+waiting when a later run of the study is queued with results is superseded by them (never sent).
 """
 
 from __future__ import annotations
@@ -31,8 +37,10 @@ from pathlib import Path
 from deploy_app.pacs_net import SendError
 from deploy_app.pacs_store import (
     ClaimedStudy,
+    ReceivedRetention,
     StudyOutcome,
     WorkDirs,
+    append_text_atomically,
     is_dicom_file,
     parse_run_name,
     read_json,
@@ -60,6 +68,8 @@ class QueuedSend:
         attempts: delivery attempts made so far.
         next_attempt: when to try next (seconds since the epoch: it must survive a restart).
         last_error: why the latest attempt failed.
+        notice: the "analysis not performed" notice of a failed study (its instances stay in
+            ``failed/<run>/``), not results.
     """
 
     run_name: str
@@ -68,6 +78,12 @@ class QueuedSend:
     attempts: int = 0
     next_attempt: float = 0.0
     last_error: str | None = None
+    notice: bool = False
+
+    @property
+    def what(self) -> str:
+        """How the log names the files: results or the notice."""
+        return "the analysis-not-performed notice" if self.notice else "results"
 
     @classmethod
     def from_state(cls, content: dict) -> QueuedSend | None:
@@ -80,6 +96,7 @@ class QueuedSend:
                 attempts=int(content.get("attempts", 0)),
                 next_attempt=float(content.get("next_attempt", 0.0)),
                 last_error=content.get("last_error"),
+                notice=bool(content.get("notice", False)),
             )
         except (KeyError, TypeError, ValueError):
             return None
@@ -105,6 +122,7 @@ class SendQueue:
         retry_max_seconds: the longest wait between attempts.
         clock: wall-clock seconds (``time.time``; injectable for tests).
         duration_clock: monotonic seconds, for the durations in the log.
+        retention: records each run filed in ``done/`` (for ``--keep-received``), if given.
     """
 
     def __init__(
@@ -116,6 +134,7 @@ class SendQueue:
         retry_max_seconds: float = DEFAULT_SEND_RETRY_MAX_SECONDS,
         clock: Callable[[], float] = time.time,
         duration_clock: Callable[[], float] = time.monotonic,
+        retention: ReceivedRetention | None = None,
     ) -> None:
         if retry_seconds <= 0 or retry_max_seconds < retry_seconds:
             raise ValueError(
@@ -128,6 +147,7 @@ class SendQueue:
         self.retry_max_seconds = retry_max_seconds
         self._clock = clock
         self._duration_clock = duration_clock
+        self.retention = retention
         self._entries: dict[str, QueuedSend] = {}
 
     def backoff(self, attempts: int) -> float:
@@ -162,8 +182,9 @@ class SendQueue:
                     self._entries[folder.name] = entry
         for entry in self.entries():
             logger.info(
-                "study %s: results of run %s wait in the outbox (%d attempts so far); sending now",
+                "study %s: %s of run %s wait in the outbox (%d attempts so far); sending now",
                 entry.study_uid,
+                entry.what,
                 entry.run_name,
                 entry.attempts,
             )
@@ -178,7 +199,9 @@ class SendQueue:
         if parsed is None or not files:
             logger.error("outbox entry %s has no readable state and no result files; left alone", run_name)
             return None
-        entry = QueuedSend(run_name, parsed[0], tuple(files))
+        # a failed study's notice: its instances stay in failed/, never in the outbox
+        notice = (self.dirs.failed / run_name).is_dir() and not (self.dirs.outbox / run_name).exists()
+        entry = QueuedSend(run_name, parsed[0], tuple(files), notice=notice)
         self._save(entry)
         return entry
 
@@ -194,7 +217,36 @@ class SendQueue:
             self._supersede_unsent(older, entry.run_name)
         return entry
 
+    def enqueue_notice(self, run_name: str, study_uid: str, written: Sequence[Path]) -> QueuedSend:
+        """Queue the notice of a failed run (in ``outputs/<run>/``); its instances stay in ``failed/``.
+
+        A notice supersedes nothing: results of an earlier run of the study still waiting stay valid.
+        """
+        output_dir = self.dirs.outputs / run_name
+        files = tuple(str(Path(path).resolve().relative_to(output_dir.resolve())) for path in written)
+        entry = QueuedSend(run_name, study_uid, files, next_attempt=self._clock(), notice=True)
+        self._save(entry)
+        self._entries[entry.run_name] = entry
+        return entry
+
     def _supersede_unsent(self, older: QueuedSend, newer_run: str) -> None:
+        if older.notice:
+            (self.dirs.outbox / f"{older.run_name}.json").unlink(missing_ok=True)
+            del self._entries[older.run_name]
+            append_text_atomically(
+                self.dirs.failed / f"{older.run_name}.log",
+                f"study {older.study_uid}: the analysis-not-performed notice of run {older.run_name} was "
+                f"superseded by the results of run {newer_run} before it could be delivered; it was "
+                "never sent\n",
+            )
+            logger.warning(
+                "study %s: the queued analysis-not-performed notice of run %s is superseded by the "
+                "results of run %s and will not be sent",
+                older.study_uid,
+                older.run_name,
+                newer_run,
+            )
+            return
         folder = self.dirs.outbox / older.run_name
         if folder.exists():
             os.replace(folder, self.dirs.done / older.run_name)
@@ -205,6 +257,9 @@ class SendQueue:
         )
         (self.dirs.outbox / f"{older.run_name}.json").unlink(missing_ok=True)
         del self._entries[older.run_name]
+        if self.retention is not None and (self.dirs.done / older.run_name).is_dir():
+            # its instances were merged into the newer run: deleting them loses nothing
+            self.retention.record(older.run_name, older.study_uid, "superseded")
         logger.warning(
             "study %s: the queued results of run %s are superseded by run %s and will not be sent",
             older.study_uid,
@@ -241,9 +296,10 @@ class SendQueue:
             if not isinstance(error, SendError):
                 logger.error("study %s: sending failed unexpectedly", entry.study_uid, exc_info=error)
             logger.warning(
-                "study %s: results of run %s not delivered (attempt %d): %s; next attempt in %.0f s "
+                "study %s: %s of run %s not delivered (attempt %d): %s; next attempt in %.0f s "
                 "(they wait in %s)",
                 entry.study_uid,
+                entry.what,
                 entry.run_name,
                 entry.attempts,
                 entry.last_error,
@@ -259,6 +315,8 @@ class SendQueue:
                 self._duration_clock() - started,
                 entry.run_name,
             )
+        if entry.notice:
+            return self._notice_delivered(entry, files, started)
         sent_before = [
             run.name
             for run in self.dirs.earlier_runs(entry.study_uid)
@@ -271,6 +329,8 @@ class SendQueue:
             os.replace(self.dirs.outbox / entry.run_name, folder)
         (self.dirs.outbox / f"{entry.run_name}.json").unlink(missing_ok=True)
         del self._entries[entry.run_name]
+        if self.retention is not None:
+            self.retention.record(entry.run_name, entry.study_uid, "delivered", entry.files)
         logger.info(
             "study %s done: %d result files of run %s sent%s",
             entry.study_uid,
@@ -290,6 +350,30 @@ class SendQueue:
             entry.study_uid,
             "done",
             folder,
+            files,
+            None,
+            self._duration_clock() - started,
+            entry.run_name,
+        )
+
+    def _notice_delivered(self, entry: QueuedSend, files: tuple[Path, ...], started: float) -> StudyOutcome:
+        (self.dirs.outbox / f"{entry.run_name}.json").unlink(missing_ok=True)
+        del self._entries[entry.run_name]
+        attempts = f" after {entry.attempts + 1} attempts" if entry.attempts else ""
+        append_text_atomically(
+            self.dirs.failed / f"{entry.run_name}.log",
+            f"study {entry.study_uid}: the analysis-not-performed notice was delivered{attempts}\n",
+        )
+        logger.info(
+            "study %s: the analysis-not-performed notice of run %s was delivered%s",
+            entry.study_uid,
+            entry.run_name,
+            attempts,
+        )
+        return StudyOutcome(
+            entry.study_uid,
+            "notified",
+            self.dirs.failed / entry.run_name,
             files,
             None,
             self._duration_clock() - started,

@@ -12,10 +12,14 @@ Everything the listener must not lose lies under one work directory, so that a r
 * ``outputs/<run>/``: what the app wrote;
 * ``outbox/<run>/`` with ``outbox/<run>.json``: processed studies whose results are not yet
   delivered, and the send state (:mod:`deploy_app.pacs_outbox`);
-* ``done/<run>/`` and ``failed/<run>/`` (with ``failed/<run>.log``): finished studies.
+* ``done/<run>/`` and ``failed/<run>/`` (with ``failed/<run>.log``): finished studies;
+* ``done/<run>.json`` (with ``--keep-received``, :class:`ReceivedRetention`): when the run was
+  delivered, what was received and sent, and when its received instances were deleted; the
+  emptied ``done/<run>/`` folder stays, so run names stay unique.
 
 A study received again after it was analysed (late instances) is merged with the instances of its
-latest earlier run, so the re-run sees all of them; the earlier folders are kept as they were.
+latest earlier run, so the re-run sees all of them; the earlier folders are kept as they were (or
+as ``--keep-received`` left them: a run whose instances were deleted has nothing to merge).
 
 Files and folders get the modes of the process umask (typically 0644/0755), never the 0600/0700 of
 :mod:`tempfile`, so that a reader running as another user can read them.
@@ -48,8 +52,9 @@ DEFAULT_MAX_ATTEMPTS = 2
 _RUN_NAME = re.compile(r"^(?P<uid>[0-9.]+)(_(?P<n>[0-9]+))?$")
 
 #: What became of a study: delivered (or kept, without a destination), given up, results waiting
-#: in the outbox, or given back to ``incoming/`` for another processing attempt.
-OutcomeState = Literal["done", "failed", "queued", "retrying"]
+#: in the outbox, or given back to ``incoming/`` for another processing attempt; ``notified``: the
+#: "analysis not performed" notice of a failed study was delivered by a later attempt.
+OutcomeState = Literal["done", "failed", "queued", "retrying", "notified"]
 
 
 @functools.cache
@@ -89,6 +94,15 @@ def write_bytes_atomically(path: Path, data: bytes, *, durable: bool = False) ->
 def write_text_atomically(path: Path, text: str) -> None:
     """:func:`write_bytes_atomically` for UTF-8 text, made durable."""
     write_bytes_atomically(path, text.encode("utf-8"), durable=True)
+
+
+def append_text_atomically(path: Path, text: str) -> None:
+    """Add ``text`` to the end of a small text file (a run's log), rewriting it whole."""
+    try:
+        before = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        before = ""
+    write_text_atomically(path, before + text)
 
 
 def write_json_atomically(path: Path, content: dict) -> None:
@@ -205,6 +219,8 @@ class ClaimedStudy:
         instances: all instances the run sees (received now plus merged from an earlier run).
         received: the instances received since the earlier run (all of them for a first run).
         merged_from: the earlier run whose instances were merged in (None for a first run).
+        merged_from_kept: whether that run still had its received instances (False when
+            ``--keep-received`` had deleted them: only the new instances are analysed).
     """
 
     study_uid: str
@@ -213,6 +229,7 @@ class ClaimedStudy:
     instances: int
     received: int = 0
     merged_from: str | None = None
+    merged_from_kept: bool = True
 
 
 @dataclass(frozen=True)
@@ -222,10 +239,12 @@ class StudyOutcome:
     Args:
         study_uid: the StudyInstanceUID.
         state: ``done`` (processed and delivered, or kept without a destination), ``failed``,
-            ``queued`` (processed; the results wait in the outbox for the destination) or
-            ``retrying`` (processing failed and the study is queued for another attempt).
+            ``queued`` (processed, or failed with a notice: the files wait in the outbox for the
+            destination), ``retrying`` (processing failed and the study is queued for another
+            attempt) or ``notified`` (a failed study's notice was delivered by a later attempt).
         folder: where the received instances now are.
-        outputs: the DICOM files the app wrote (kept in ``outputs/<run>``).
+        outputs: the DICOM files the app wrote (kept in ``outputs/<run>``); for a failed study, its
+            "analysis not performed" notice when one was written.
         reason: why it failed or is waiting (None on success).
         seconds: processing plus sending time.
         run_name: the run's folder name.
@@ -246,8 +265,8 @@ class StudyOutcome:
 
     @property
     def final(self) -> bool:
-        """Nothing more will happen to this run by itself (done or failed)."""
-        return self.state in ("done", "failed")
+        """Nothing more will happen to this run's study by itself (done, failed or notified)."""
+        return self.state in ("done", "failed", "notified")
 
 
 class AttemptLog:
@@ -432,16 +451,18 @@ class StudyCollector:
             os.replace(self.dirs.incoming / study_uid, input_dir)
         received = sum(1 for _ in input_dir.glob("*.dcm"))
         earlier = self.dirs.earlier_runs(study_uid)
-        merged_from = None
+        merged_from, merged_from_kept = None, True
         if earlier:
             merged_from = earlier[-1].name
-            for instance in earlier[-1].glob("*.dcm"):
+            instances = list(earlier[-1].glob("*.dcm"))
+            merged_from_kept = bool(instances)
+            for instance in instances:
                 if not (input_dir / instance.name).exists():
                     _link_or_copy(instance, input_dir / instance.name)
         total = sum(1 for _ in input_dir.glob("*.dcm"))
         if pending.instances != received:
             logger.debug("study %s: %d instances counted, %d on disk", study_uid, pending.instances, received)
-        return ClaimedStudy(study_uid, run_name, input_dir, total, received, merged_from)
+        return ClaimedStudy(study_uid, run_name, input_dir, total, received, merged_from, merged_from_kept)
 
     def requeue(self, claimed: ClaimedStudy) -> None:
         """Give a study back to ``incoming/`` (merged with anything that arrived since)."""
@@ -458,3 +479,129 @@ class StudyCollector:
             claimed.input_dir.rmdir()
             pending = self._pending.setdefault(claimed.study_uid, _Pending(last_received=self._clock()))
             pending.instances += moved
+
+
+class ReceivedRetention:
+    """Deletes the received instances of finished runs (``done/``) ``keep_seconds`` after they finished.
+
+    Each run filed in ``done/`` (delivered, kept without a destination, or superseded before it was
+    sent) gets a record ``done/<run>.json`` when it gets there: the study, how it finished, when
+    (wall-clock seconds, so the schedule survives restarts), the result files sent (relative to
+    ``outputs/<run>/``, where the results stay) and the SOP Instance UIDs received. Once due, the
+    instances in ``done/<run>/`` are deleted, the emptied folder stays (run names stay unique) and the
+    record gets ``received_deleted_at``: the record, the results in ``outputs/<run>/`` and the log
+    remain as the proof of what was received and delivered. ``failed/`` is never touched: failed
+    studies are kept for inspection.
+
+    A ``done/<run>/`` folder without a record (finished before retention was configured, or the
+    listener was killed between the move and the record) is recorded at :meth:`recover` with the
+    folder's modification time as its finishing time.
+
+    Used by the dispatch thread only (not thread-safe).
+
+    Args:
+        dirs: the listener's folders.
+        keep_seconds: how long the instances are kept after the run finished (0: deleted at the next
+            :meth:`purge_due`; ``inf``: never).
+        clock: wall-clock seconds (``time.time``; injectable for tests).
+    """
+
+    def __init__(self, dirs: WorkDirs, keep_seconds: float, clock: Callable[[], float] = time.time) -> None:
+        if not keep_seconds >= 0:  # also refuses NaN
+            raise ValueError(f"keep_seconds must be zero or positive, got {keep_seconds}")
+        self.dirs = dirs
+        self.keep_seconds = keep_seconds
+        self._clock = clock
+        self._due: dict[str, float] = {}
+
+    def _record_path(self, run_name: str) -> Path:
+        return path_inside(self.dirs.done, f"{run_name}.json")
+
+    def record(
+        self,
+        run_name: str,
+        study_uid: str,
+        how: str,
+        results: tuple[str, ...] = (),
+        *,
+        at: float | None = None,
+    ) -> None:
+        """Record that a run is in ``done/`` (how: ``delivered``, ``kept``, ``superseded`` ...)."""
+        finished = self._clock() if at is None else at
+        folder = self.dirs.done / run_name
+        received = sorted(path.name[: -len(".dcm")] for path in folder.glob("*.dcm"))
+        write_json_atomically(
+            self._record_path(run_name),
+            {
+                "run_name": run_name,
+                "study_uid": study_uid,
+                "finished": how,
+                "finished_at": finished,
+                "results": list(results),
+                "received_instances": received,
+                "received_deleted_at": None,
+            },
+        )
+        self._due[run_name] = finished + self.keep_seconds
+
+    def recover(self) -> None:
+        """Schedule the runs in ``done/`` whose instances are still kept (records from earlier runs)."""
+        for folder in sorted(self.dirs.done.iterdir()):
+            parsed = parse_run_name(folder.name)
+            if parsed is None or not folder.is_dir():
+                continue
+            record = read_json(self._record_path(folder.name))
+            if record is None:
+                self.record(folder.name, parsed[0], "unrecorded", at=folder.stat().st_mtime)
+                continue
+            if record.get("received_deleted_at") is not None:
+                continue
+            finished = record.get("finished_at")
+            if not isinstance(finished, (int, float)):
+                finished = folder.stat().st_mtime
+            self._due[folder.name] = float(finished) + self.keep_seconds
+
+    def due(self) -> list[str]:
+        """The runs whose instances are to be deleted now, the earliest due first."""
+        now = self._clock()
+        return [run for run, due in sorted(self._due.items(), key=lambda item: item[1]) if due <= now]
+
+    def purge_due(self) -> list[str]:
+        """Delete the received instances of every due run; returns the runs purged."""
+        purged = []
+        for run_name in self.due():
+            try:
+                self.purge(run_name)
+            except OSError as error:  # a disk error: try again at the next poll, keep listening
+                logger.error("the received instances of run %s cannot be deleted: %s", run_name, error)
+                continue
+            purged.append(run_name)
+        return purged
+
+    def purge(self, run_name: str) -> None:
+        """Delete the received instances of one run in ``done/`` and note it in its record."""
+        folder = self.dirs.done / run_name
+        deleted = 0
+        if folder.is_dir():
+            for entry in folder.iterdir():
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry)
+                else:
+                    entry.unlink()
+                deleted += 1
+        record = read_json(self._record_path(run_name)) or {"run_name": run_name}
+        record["received_deleted_at"] = self._clock()
+        record["received_deleted"] = deleted
+        write_json_atomically(self._record_path(run_name), record)
+        del self._due[run_name]
+        logger.info(
+            "run %s: %d received instances deleted (%s after it was finished; the record is %s)",
+            run_name,
+            deleted,
+            _hours(self.keep_seconds),
+            self._record_path(run_name),
+        )
+
+
+def _hours(seconds: float) -> str:
+    return f"{seconds / 3600:g} h"

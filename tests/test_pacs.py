@@ -408,6 +408,61 @@ def test_the_listener_processes_a_study_and_sends_the_results_on(tmp_path: Path)
         receiver.stop()
 
 
+def test_a_study_that_fails_in_the_listener_sends_its_notice_to_the_destination(tmp_path: Path) -> None:
+    """The listener fails a study without seeds; the destination receives the notice in that study."""
+    stored: list[pydicom.Dataset] = []
+
+    def on_store(event) -> int:
+        stored.append(event.dataset)
+        return 0x0000
+
+    destination = AE(ae_title="PACS")
+    destination.add_supported_context(pydicom.uid.EncapsulatedPDFStorage, pydicom.uid.ExplicitVRLittleEndian)
+    destination_server = destination.start_server(
+        ("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)]
+    )
+    try:
+        work = StudyCollector(WorkDirs(tmp_path / "a"), stable_seconds=0.2)
+
+        def processor(input_dir: Path, output_dir: Path) -> list[Path]:
+            raise pacs.SeriesFailures([f"series 1 'tiny' ({input_dir.name}): no nodule seeds were found"])
+
+        sender = DicomSender(DicomDestination("PACS", *destination_server.server_address[:2]), "LNSC")
+        dispatcher = StudyDispatcher(
+            work,
+            processor,
+            sender,
+            notifier=pacs.FailureNoticeWriter(model_name="tiny", model_version="0.0.1"),
+            keep_received_hours=0,
+        )
+        listener = StorageServer(work, ae_title="LNSC", port=0)
+        stop = threading.Event()
+        outcomes: list = []
+        thread = threading.Thread(
+            target=lambda: outcomes.extend(
+                run_listener(listener, dispatcher, stop, once=True, poll_seconds=0.05)
+            )
+        )
+        thread.start()
+        try:
+            assert listener.listening.wait(10)
+            series = tiny_series(tmp_path / "ct", study_uid=STUDY_A)
+            DicomSender(DicomDestination("LNSC", *listener.address), "MODALITY")(series.files)
+            thread.join(timeout=30)
+        finally:
+            stop.set()
+            thread.join(timeout=10)
+    finally:
+        destination_server.shutdown()
+    (outcome,) = outcomes
+    assert outcome.state == "failed" and len(list(outcome.folder.iterdir())) == 4  # kept
+    (notice,) = stored
+    assert notice.SOPClassUID == pydicom.uid.EncapsulatedPDFStorage and notice.StudyInstanceUID == STUDY_A
+    assert notice.DocumentTitle == "Analysis not performed" and notice.PatientID == "PACS1"
+    assert bytes(notice.EncapsulatedDocument).startswith(b"%PDF-")
+    assert "notice was delivered" in (work.dirs.failed / f"{STUDY_A}.log").read_text()
+
+
 @pytest.fixture(scope="module")
 def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_untrained_bundle(tmp_path_factory.mktemp("bundle") / "bundle")
@@ -422,8 +477,16 @@ def test_the_app_processor_returns_only_dicom_and_fails_studies_without_results(
     assert sorted(path.name for path in written) == ["nodule_1_sc.dcm", "report_pdf.dcm", "sr.dcm"]
     assert (written[0].parent / "report.pdf").is_file()  # written by the app, not sent to the PACS
     study.seed_sr.unlink()
-    with pytest.raises(UserInputError, match="seed"):
+    with pytest.raises(pacs.SeriesFailures, match="seed") as failure:
         process(tmp_path / "study", tmp_path / "out_without_seeds")
+    assert isinstance(failure.value, UserInputError) and len(failure.value.messages) == 1
+    # the notice the listener sends for it names the series and says why, in the app's words
+    notice = pacs.FailureNoticeWriter(tiny_bundle)(
+        tmp_path / "study", tmp_path / "notice", failure.value.messages, "run"
+    )
+    ds = pydicom.dcmread(notice)
+    assert ds.StudyInstanceUID == study.series.study_instance_uid and ds.Modality == "DOC"
+    assert ds.ManufacturerModelName == pacs.FailureNoticeWriter(tiny_bundle).identity()[0]
 
 
 SIGTERM_SCRIPT = """
@@ -641,7 +704,11 @@ def test_orthanc_sends_a_study_and_gets_the_sr_and_report_back(
             listener.communicate()
     assert listener.returncode == 0, log[-3000:]
     assert "PACS1" not in log and "PHANTOM-DEMO" not in log  # never a patient ID in the log
-    assert len(list((work / "done" / study.series.study_instance_uid).iterdir())) == len(sent)
+    # --keep-received 0 (the default): the received images are deleted once delivered; the record stays
+    study_uid = study.series.study_instance_uid
+    assert list((work / "done" / study_uid).iterdir()) == []
+    record = json.loads((work / "done" / f"{study_uid}.json").read_text())
+    assert set(record["received_instances"]) == sent and record["finished"] == "delivered"
 
     by_modality: dict[str, list[str]] = {}
     for series in rest.request("GET", f"/studies/{study_id}/series"):

@@ -27,7 +27,7 @@ import numpy as np
 import pydicom
 import pytest
 from pydicom import Dataset
-from pydicom.uid import generate_uid
+from pydicom.uid import EncapsulatedPDFStorage, generate_uid
 from pynetdicom import AE, DEFAULT_TRANSFER_SYNTAXES, evt
 from pynetdicom.sop_class import CTImageStorage, Verification
 from test_pacs_support import HOLD_ENV, MARK_ENV, POISON_ENV, instance_digest, standin_processor
@@ -86,12 +86,14 @@ class Destination:
         self.lock = threading.Lock()
         #: every C-STORE received: (StudyInstanceUID, SOPInstanceUID, ImageComments)
         self.arrivals: list[tuple[str, str, str]] = []
+        #: the "analysis not performed" notices received (Encapsulated PDF), kept apart from results
+        self.notices: list[Dataset] = []
         self.hold = threading.Event()
         self.holding = threading.Event()
         self.release = threading.Event()
         self.ae = AE(ae_title="PACS")
         self.ae.maximum_associations = 64
-        for storage_class in STORAGE_CLASSES:
+        for storage_class in (*STORAGE_CLASSES, EncapsulatedPDFStorage):
             self.ae.add_supported_context(storage_class, DEFAULT_TRANSFER_SYNTAXES)
         self.server = self.ae.start_server(
             ("127.0.0.1", 0),
@@ -106,6 +108,9 @@ class Destination:
             self.release.wait(60)
         dataset: Dataset = event.dataset
         with self.lock:
+            if dataset.SOPClassUID == EncapsulatedPDFStorage:
+                self.notices.append(dataset)
+                return 0x0000
             self.arrivals.append(
                 (str(dataset.StudyInstanceUID), str(dataset.SOPInstanceUID), str(dataset.ImageComments))
             )
@@ -234,6 +239,8 @@ class ListenerProcess:
             "0.5",
             "--send-retry-max-seconds",
             "1",
+            "--keep-received",  # the tests look at the received instances in done/
+            "inf",
         ]
         self.env = {**os.environ, **extra_env}
         self.process: subprocess.Popen | None = None
@@ -394,11 +401,16 @@ def test_a_study_that_kills_the_listener_is_failed_after_max_attempts(
                 listener.start()
             time.sleep(0.1)
         wait_for(lambda: good.study_instance_uid in destination.results(), 30, "the good study's results")
+        poison_log = work.failed / f"{poison.study_instance_uid}.log"
+        wait_for(lambda: "notice was delivered" in poison_log.read_text(), 30, "the poison study's notice")
     finally:
         listener.stop()
     reason = (work.failed / f"{poison.study_instance_uid}.log").read_text()
     assert "given up after 2 processing attempts" in reason and "killed or crashed" in reason
     assert len(list((work.failed / poison.study_instance_uid).iterdir())) == 4  # instances kept
     assert poison.study_instance_uid not in destination.results()
+    (notice,) = destination.notices  # the PACS learns that the study was not analysed, and why
+    assert notice.StudyInstanceUID == poison.study_instance_uid
+    assert notice.DocumentTitle == "Analysis not performed"
     assert (work.done / good.study_instance_uid).is_dir()
     print(f"\npoison: the listener was killed by the study {listener.starts - 1} times, then gave it up")
