@@ -31,13 +31,12 @@ from reportlab.lib import colors
 from reportlab.lib.pagesizes import A4
 from reportlab.lib.styles import ParagraphStyle, getSampleStyleSheet
 from reportlab.lib.units import mm
-from reportlab.pdfbase.pdfmetrics import stringWidth
-from reportlab.pdfgen.canvas import Canvas
 from reportlab.platypus import Flowable, KeepInFrame, Paragraph, SimpleDocTemplate, Spacer
 
 from deploy_app.report.dicom import encapsulated_pdf
-from deploy_app.report.montage import BANNER_RED
-from deploy_app.report.pdf import ReportHeader
+
+# the main report's page geometry, so that both documents' banners and headers sit alike
+from deploy_app.report.pdf import _BANNER_HEIGHT, _HEADER_LINE, _MARGIN, ReportHeader, page_decorator
 from deploy_app.report.rows import MANUFACTURER, RESEARCH_BANNER
 
 __all__ = [
@@ -81,12 +80,6 @@ _NEXT_STEPS = (
     "If the reason does not explain the failure, ask the administrator of the analysis service, "
     "quoting the reference below.",
 )
-
-_PAGE_WIDTH, _PAGE_HEIGHT = A4
-_MARGIN = 15 * mm
-_BANNER_HEIGHT = 9 * mm
-_HEADER_LINE = 4 * mm
-_HEADER_FONT, _HEADER_SIZE, _HEADER_MIN_SIZE = "Helvetica", 8.0, 5.0
 
 
 def _plain(text: object) -> str:
@@ -181,48 +174,6 @@ def _story(paragraphs: Sequence[tuple[str, str]]) -> list[Flowable]:
     return story
 
 
-def _fitted(text: str, width: float) -> tuple[str, float]:
-    """``text`` and a font size that fits ``width``: smaller type first, then an ellipsis at 5 pt."""
-    size = _HEADER_SIZE
-    while size > _HEADER_MIN_SIZE and stringWidth(text, _HEADER_FONT, size) > width:
-        size -= 0.5
-    if stringWidth(text, _HEADER_FONT, size) <= width:
-        return text, size
-    while text and stringWidth(text + "\u2026", _HEADER_FONT, size) > width:
-        text = text[:-1]
-    return text + "\u2026", size
-
-
-def _decorate(header: ReportHeader):
-    header_lines = header.lines()
-    line_width = _PAGE_WIDTH - 2 * _MARGIN
-
-    def decorate(canvas: Canvas, doc: SimpleDocTemplate) -> None:
-        canvas.saveState()
-        top = _PAGE_HEIGHT - _MARGIN / 2
-        y = top - _BANNER_HEIGHT
-        canvas.setFillColor(colors.HexColor(BANNER_RED))
-        canvas.rect(_MARGIN, y, line_width, _BANNER_HEIGHT - 1 * mm, stroke=0, fill=1)
-        canvas.setFillColor(colors.white)
-        canvas.setFont("Helvetica-Bold", 12)
-        canvas.drawCentredString(_PAGE_WIDTH / 2, y + 2.6 * mm, RESEARCH_BANNER)
-        canvas.setFillColor(colors.black)
-        for line, fields in enumerate(header_lines):
-            y, x = top - _BANNER_HEIGHT - (line + 1) * _HEADER_LINE + 1 * mm, _MARGIN
-            for text, share in fields:
-                shown, size = _fitted(text, share * line_width - 2 * mm)
-                canvas.setFont(_HEADER_FONT, size)
-                canvas.drawString(x, y, shown)
-                x += share * line_width
-        canvas.setFillColor(colors.grey)
-        canvas.setFont("Helvetica", 8)
-        canvas.drawString(_MARGIN, _MARGIN / 2, "Lung nodule semantic CLIP: analysis not performed")
-        canvas.drawRightString(_PAGE_WIDTH - _MARGIN, _MARGIN / 2, "Page 1 of 1")
-        canvas.restoreState()
-
-    return decorate
-
-
 def render_failure_notice_pdf(
     header: ReportHeader,
     reasons: Sequence[str],
@@ -270,7 +221,12 @@ def render_failure_notice_pdf(
     # One frame's worth at most: what does not fit is shrunk (never a second page, never a
     # LayoutError); the caps on the reasons keep that from happening in practice.
     body = KeepInFrame(doc.width, doc.height - 1, _story(paragraphs), mode="shrink")
-    decorate = _decorate(header)
+    decorate = page_decorator(
+        [RESEARCH_BANNER],
+        header,
+        "Lung nodule semantic CLIP: analysis not performed",
+        "Page {} of 1".format,
+    )
     doc.build([body], onFirstPage=decorate, onLaterPages=decorate)
     return buffer.getvalue()
 

@@ -205,12 +205,21 @@ def _fitted(text: str, width: float) -> tuple[str, float]:
     return text + "\u2026", size
 
 
-def _page_decorator(
-    result: SeriesResult, header: ReportHeader
+def page_decorator(
+    banner_lines: Sequence[str],
+    header: ReportHeader,
+    footer: str = "Lung nodule semantic CLIP report",
+    page_label: Callable[[int], str] = "Page {}".format,
 ) -> Callable[[Canvas, SimpleDocTemplate], None]:
-    """onPage callback: the banner(s) and the patient and study header at the top and a page number
-    at the bottom of every page."""
-    banner_lines = banners(result)
+    """onPage callback of every PDF the app writes: the banner(s) and the patient and study header
+    at the top, ``footer`` and the page label at the bottom of every page.
+
+    Args:
+        banner_lines: the banners (the first on red, the others on black).
+        header: the patient and study values.
+        footer: the text at the bottom left.
+        page_label: the page number -> the text at the bottom right.
+    """
     header_lines = header.lines()
     line_width = _PAGE_WIDTH - 2 * _MARGIN
 
@@ -235,8 +244,8 @@ def _page_decorator(
                 x += share * line_width
         canvas.setFillColor(colors.grey)
         canvas.setFont("Helvetica", 8)
-        canvas.drawString(_MARGIN, _MARGIN / 2, "Lung nodule semantic CLIP report")
-        canvas.drawRightString(_PAGE_WIDTH - _MARGIN, _MARGIN / 2, f"Page {doc.page}")
+        canvas.drawString(_MARGIN, _MARGIN / 2, footer)
+        canvas.drawRightString(_PAGE_WIDTH - _MARGIN, _MARGIN / 2, page_label(doc.page))
         canvas.restoreState()
 
     return decorate
@@ -519,7 +528,7 @@ def render_report_pdf(
     if result.skipped:
         story.append(PageBreak())
         story += _skipped_story(result.skipped, styles, width)
-    decorate = _page_decorator(result, header)
+    decorate = page_decorator(banners(result), header)
     with _binary_streams():
         doc.build(story, onFirstPage=decorate, onLaterPages=decorate)
     return buffer.getvalue()
