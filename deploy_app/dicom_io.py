@@ -9,8 +9,6 @@ leaves a half-written file where a PACS forwarder or a user would pick it up.
 from __future__ import annotations
 
 import logging
-import os
-import secrets
 from collections.abc import Collection, Iterator, Sequence
 from pathlib import Path
 
@@ -21,6 +19,8 @@ from pydicom.errors import InvalidDicomError
 from pydicom.filereader import read_file_meta_info
 from pydicom.uid import ExplicitVRLittleEndian
 from pydicom.valuerep import AMBIGUOUS_VR, VR
+
+from scripts.atomic import atomic_path
 
 logger = logging.getLogger(__name__)
 
@@ -81,19 +81,9 @@ def write_dataset(ds: pydicom.Dataset, path: str | Path) -> Path:
         ``path`` as a :class:`~pathlib.Path`.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     prepare_for_writing(ds)
-    tmp = path.parent / f".{path.name}.{secrets.token_hex(8)}.tmp"
-    # os.open with mode 0o666 honours the umask (tempfile.mkstemp would make the file owner-only)
-    handle = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            ds.save_as(stream, enforce_file_format=True)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_path(path, durable=True) as temporary:
+        ds.save_as(temporary, enforce_file_format=True)
     return path
 
 

@@ -27,13 +27,11 @@ Files and folders get the modes of the process umask (typically 0644/0755), neve
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import os
 import re
 import shutil
-import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -41,8 +39,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from deploy_app.result_folders import process_umask
 from deploy_app.uids import check_uid, is_valid_uid, path_inside
+from scripts.atomic import umask_file_mode, write_bytes_atomically
 from scripts.errors import UserInputError
 
 logger = logging.getLogger("deploy_app.pacs")
@@ -57,42 +55,13 @@ _RUN_NAME = re.compile(r"^(?P<uid>[0-9.]+)(_(?P<n>[0-9]+))?$")
 OutcomeState = Literal["done", "failed", "queued", "retrying", "notified"]
 
 
-@functools.cache
-def _umask() -> int:
-    # Read once: reading the umask means setting it, which would race with other threads' files.
-    return process_umask()
-
-
 def file_mode() -> int:
     """The mode a plain ``open(path, "w")`` gives a new file under the process umask."""
-    return 0o666 & ~_umask()
-
-
-def write_bytes_atomically(path: Path, data: bytes, *, durable: bool = False) -> None:
-    """Write ``path`` whole or not at all (a hidden temporary file renamed into place).
-
-    Args:
-        path: the target; its folder must exist.
-        data: the content.
-        durable: fsync before the rename (state files; a power loss must not leave them empty).
-    """
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        # mkstemp creates 0600; the umask mode lets readers running as another user read the file.
-        os.fchmod(handle, file_mode())
-        with os.fdopen(handle, "wb") as stream:
-            stream.write(data)
-            if durable:
-                stream.flush()
-                os.fsync(stream.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    return umask_file_mode()
 
 
 def write_text_atomically(path: Path, text: str) -> None:
-    """:func:`write_bytes_atomically` for UTF-8 text, made durable."""
+    """UTF-8 text, whole or not at all, made durable (state files: a power loss must not empty them)."""
     write_bytes_atomically(path, text.encode("utf-8"), durable=True)
 
 

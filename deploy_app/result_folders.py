@@ -18,17 +18,12 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from scripts.atomic import process_umask
+
 logger = logging.getLogger(__name__)
 
 STAGING_SUFFIX = ".tmp"
 ASIDE_SUFFIX = ".old"
-
-
-def process_umask() -> int:
-    """The process umask (reading it requires setting it; set straight back)."""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
 
 
 def apply_umask(path: Path) -> None:

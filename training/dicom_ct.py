@@ -23,6 +23,8 @@ import pydicom
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
+from scripts.atomic import atomic_path, process_umask
+
 #: ``ImageOrientationPatient`` of an axial slice: rows along +x (left), columns along +y (posterior).
 AXIAL_ORIENTATION = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
 #: Implementation identity written into the file meta information.
@@ -175,12 +177,6 @@ def _series_dataset(
     return ds
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def _atomic_directory(out_dir: Path) -> Path:
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     return Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".tmp"))
@@ -277,7 +273,7 @@ def write_ct_series(
             ds.save_as(staging / name, enforce_file_format=True)
             names.append(name)
             sop_uids.append(sop_uid)
-        staging.chmod(0o777 & ~_umask())  # mkdtemp makes an owner-only folder
+        staging.chmod(0o777 & ~process_umask())  # mkdtemp makes an owner-only folder
         os.replace(staging, out_dir)
     except BaseException:
         for leftover in staging.glob("*"):
@@ -304,12 +300,6 @@ def write_nifti(volume_hu: np.ndarray, geometry: CTGeometry, path: str | Path) -
     image = nib.Nifti1Image(data, geometry.ras_affine())
     image.header.set_xyzt_units("mm")
     suffix = ".nii.gz" if path.name.endswith(".nii.gz") else path.suffix
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
-    os.close(handle)
-    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes owner-only files; outputs follow the umask
-    try:
-        nib.save(image, tmp)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    with atomic_path(path, suffix=suffix) as temporary:  # nibabel picks the format from the name
+        nib.save(image, temporary)
     return path

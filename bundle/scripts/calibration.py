@@ -29,8 +29,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import tempfile
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -39,6 +37,7 @@ from typing import Any
 
 import numpy as np
 
+from scripts.atomic import write_text_atomically
 from scripts.errors import UserInputError
 
 __all__ = [
@@ -229,16 +228,7 @@ def save_calibration(
         "provenance": dict(provenance or {}),
     }
     text = json.dumps(document, indent=2, sort_keys=False) + "\n"  # fails before anything is written
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w") as stream:
-            stream.write(text)
-        os.replace(tmp_name, path)
-    finally:
-        Path(tmp_name).unlink(missing_ok=True)
-    return path
+    return write_text_atomically(path, text)
 
 
 def _absolute_paths(value: Any) -> list[str]:

@@ -10,8 +10,6 @@ the same epoch an uninterrupted run would have.
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -20,6 +18,8 @@ import torch
 from ignite.engine import Engine, Events
 from monai.handlers import CheckpointSaver, EarlyStopHandler
 from torch import nn
+
+from scripts.atomic import atomic_path
 
 logger = logging.getLogger(__name__)
 
@@ -83,14 +83,8 @@ class TrainingResume:
 
     def save(self, engine: Engine) -> None:
         """Write the state atomically: an interruption never leaves a truncated ``last.pt``."""
-        self.checkpoint.parent.mkdir(parents=True, exist_ok=True)
-        handle, tmp = tempfile.mkstemp(dir=self.checkpoint.parent, prefix=f".{self.checkpoint.name}.")
-        os.close(handle)
-        try:
-            torch.save(self.state(engine), tmp)
-            os.replace(tmp, self.checkpoint)
-        finally:
-            Path(tmp).unlink(missing_ok=True)
+        with atomic_path(self.checkpoint, durable=True) as temporary:
+            torch.save(self.state(engine), temporary)
 
     def restore(self, engine: Engine) -> None:
         if not self.checkpoint.is_file():

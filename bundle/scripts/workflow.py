@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from abc import abstractmethod
 from collections.abc import Callable
 from pathlib import Path
@@ -17,6 +16,7 @@ from ignite.engine import Engine, Events
 from ignite.metrics import Metric
 from sklearn.metrics import average_precision_score, roc_auc_score
 
+from scripts.atomic import atomic_path
 from scripts.clip_backbone import create_tokenizer
 from scripts.network import SemanticCLIP, SemanticCLIPLoss
 from scripts.zero_shot import PromptLayout, embed_prompts, zero_shot_probabilities
@@ -272,8 +272,6 @@ class PredictionWriter:
             self.rows.append(row)
 
     def write(self, _: Engine) -> None:
-        self.output_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.output_path.with_name(self.output_path.name + ".tmp")
-        pd.DataFrame(self.rows).to_csv(tmp, index=False, float_format="%.6f")
-        os.replace(tmp, self.output_path)
+        with atomic_path(self.output_path) as temporary:
+            pd.DataFrame(self.rows).to_csv(temporary, index=False, float_format="%.6f")
         logger.info("wrote %d predictions to %s", len(self.rows), self.output_path)
