@@ -102,6 +102,7 @@ bench: $(STAMP)  ## run the benchmarks (preprocessing, training step, writers, e
 	$(PY) bench/bench_evaluate.py
 	$(PY) bench/bench_phantoms.py
 	$(PY) bench/bench_inference.py --device cpu --folds 5
+	$(PY) bench/bench_cpu_backends.py
 	$(PY) bench/bench_deploy.py
 
 lint: $(STAMP)  ## ruff check
