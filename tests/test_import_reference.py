@@ -1,8 +1,9 @@
 """Importing the authors' checkpoints: the paper's forward pass, strictness, LoRA merge rule, layout.
 
 State dicts are random but in exactly the authors' layout (key names, order, extras) read from
-tests/data/reference_checkpoint.json, shrunk to the tiny open_clip geometry of the bundle's test config. The
-imported model is compared with the paper's forward pass written here with plain torch ops.
+training/data/reference_checkpoint.json (:mod:`training.reference_layout`), shrunk to the tiny
+open_clip geometry of the bundle's test config. The imported model is compared with the paper's
+forward pass written here with plain torch ops.
 """
 
 from __future__ import annotations
@@ -17,10 +18,11 @@ import torch
 import torch.nn.functional as F
 from monai.bundle import ConfigParser
 
-from conftest import BUNDLE_ROOT, TEST_DATA
+from conftest import BUNDLE_ROOT
 from scripts.errors import UserInputError
 from scripts.export import load_checkpoint, load_predictor
 from scripts.network import SemanticCLIP
+from training import reference_layout
 from training.import_reference import (
     KNOWN_EXTRAS,
     LORA_MATRIX_SUFFIXES,
@@ -32,8 +34,8 @@ from training.import_reference import (
     reference_model_name,
 )
 
-#: The authors' state-dict layout (key names, shapes, args.txt examples), see tests/data/README.md.
-REFERENCE = json.loads((TEST_DATA / "reference_checkpoint.json").read_text(encoding="utf-8"))
+#: The authors' state-dict layout (key names, shapes, args.txt examples).
+REFERENCE = reference_layout.reference_layout()
 TINY_CONFIG = json.loads(
     (BUNDLE_ROOT / "configs" / "clip" / "lnsc-tiny-vit.json").read_text(encoding="utf-8")
 )
@@ -46,20 +48,12 @@ EOT = 49407  # OpenAI CLIP's end-of-text token, the largest id: the text tower p
 # ---------------------------------------------------------------- the authors' layout, tiny geometry
 
 
-def reference_entries(variant: str) -> list[dict]:
-    return REFERENCE["variants"][variant]["state_dict"]
-
-
-def reference_shape(variant: str, key: str) -> tuple[int, ...]:
-    return next(tuple(e["shape"]) for e in reference_entries(variant) if e["key"] == key)
-
-
 def tiny_dimension_map() -> dict[int, int]:
     """Reference (ViT-B/32) widths -> tiny widths, derived from the reference layout itself."""
-    vision = reference_shape("ft", "vision_model.class_embedding")[0]
-    text = reference_shape("ft", "ln_final.weight")[0]
-    embed = reference_shape("ft", "vision_model.proj")[1]
-    out = reference_shape("ft", "classifier_image.weight")[1]
+    vision = reference_layout.reference_shape("ft", "vision_model.class_embedding")[0]
+    text = reference_layout.reference_shape("ft", "ln_final.weight")[0]
+    embed = reference_layout.reference_shape("ft", "vision_model.proj")[1]
+    out = reference_layout.reference_shape("ft", "classifier_image.weight")[1]
     tiny_vision, tiny_text = TINY_CONFIG["vision_cfg"]["width"], TINY_CONFIG["text_cfg"]["width"]
     pairs = [
         (vision, tiny_vision), (3 * vision, 3 * tiny_vision), (4 * vision, 4 * tiny_vision),
@@ -77,7 +71,7 @@ def tiny_layout(variant: str) -> list[tuple[str, tuple[int, ...]]]:
     dims = tiny_dimension_map()
     layers = {"vision_model.": TINY_CONFIG["vision_cfg"]["layers"], "": TINY_CONFIG["text_cfg"]["layers"]}
     layout = []
-    for entry in reference_entries(variant):
+    for entry in reference_layout.reference_entries(variant):
         key = entry["key"]
         block = re.search(r"resblocks\.(\d+)\.", key)
         tower = "vision_model." if key.startswith("vision_model.") else ""
@@ -88,40 +82,17 @@ def tiny_layout(variant: str) -> list[tuple[str, tuple[int, ...]]]:
 
 
 def random_reference_state(variant: str, seed: int) -> dict[str, torch.Tensor]:
-    """A random state dict in the authors' layout; LoRA B matrices are non-zero (a trained update)."""
-    generator = torch.Generator().manual_seed(seed)
-    state = {}
-    for key, shape in tiny_layout(variant):
-        noise = torch.randn(shape, generator=generator)
-        if key == "logit_scale":
-            value = torch.tensor(math.log(1 / 0.07))
-        elif len(shape) == 1 and key.endswith(".weight"):  # LayerNorm gains (and the class weights)
-            value = 1.0 + 0.1 * noise
-        elif "embedding" in key:
-            value = 0.1 * noise
-        elif key.endswith(LORA_MATRIX_SUFFIXES):  # an update large enough to show if it is re-added
-            value = 0.5 * noise
-        elif key.startswith("classifier_"):  # spread the probabilities away from 0.5
-            value = 2.0 * noise
-        else:
-            value = 0.05 * noise
-        state[key] = value
-    return state
+    """A random state dict in the authors' layout, tiny geometry; LoRA B matrices are non-zero."""
+    return reference_layout.random_reference_state(variant, seed, layout=tiny_layout(variant))
 
 
 def write_checkpoint_dir(
     root: Path, variant: str, states: list[dict[str, torch.Tensor]], args_text: str | None = None
 ) -> Path:
-    """``args.txt`` + ``fold_k/best_both.pt`` as the authors' train.py writes them."""
-    root.mkdir(parents=True)
-    example = REFERENCE["variants"][variant]["args_txt_example"]
-    text = args_text or re.sub(r"\bout_dim=\d+", f"out_dim={OUT_DIM}", example)
+    """``args.txt`` + ``fold_k/best_both.pt`` as the authors' train.py writes them (tiny out_dim)."""
+    text = args_text or reference_layout.args_text(variant, len(states), out_dim=OUT_DIM)
     text = re.sub(r"\bk_end=\d+", f"k_end={len(states)}", text)
-    (root / "args.txt").write_text(text, encoding="utf-8")
-    for k, state in enumerate(states):
-        (root / f"fold_{k}").mkdir()
-        torch.save({"model": state}, root / f"fold_{k}" / "best_both.pt")
-    return root
+    return reference_layout.write_checkpoint_dir(root, variant, states, text)
 
 
 # ---------------------------------------------------------------- the paper's forward pass, plain torch
@@ -408,7 +379,7 @@ def vit_b32_shapes() -> dict[str, tuple[int, ...]]:
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_every_reference_key_maps_onto_vit_b32(variant: str, vit_b32_shapes: dict) -> None:
-    source = {e["key"]: tuple(e["shape"]) for e in reference_entries(variant)}
+    source = {e["key"]: tuple(e["shape"]) for e in reference_layout.reference_entries(variant)}
     assert len(source) == REFERENCE["variants"][variant]["num_state_dict_entries"]
     plan = plan_conversion(source, vit_b32_shapes, variant)
     assert plan.ok, (plan.missing[:3], plan.unexpected[:3], plan.mismatched[:3])

@@ -50,7 +50,7 @@ def test_vit_b32_has_the_papers_lora_parameter_count() -> None:
 def test_vit_b32_trainable_parameters_match_the_authors_lora_model() -> None:
     network = SemanticCLIP("ViT-B-32")
     trainable, _ = count_parameters(network)
-    # LoRA + MIL + projection + heads + logit scale, as in tests/data/reference_checkpoint.json
+    # LoRA + MIL + projection + heads + logit scale, as in training/data/reference_checkpoint.json
     assert trainable == 547_334
 
 

@@ -115,12 +115,12 @@ def test_the_test_data_is_in_the_copy(standalone_copy: Path) -> None:
     data = standalone_copy / "tests" / "data"
     for name in (
         "README.md",
-        "reference_checkpoint.json",
         "semantic_schema.json",
         "authors_planes/README.md",
         "authors_planes/ct.nii.gz",
         "authors_planes/nodules.csv",
         "authors_planes/planes_900001_0.npz",
         "authors_planes/planes_900001_1.npz",
+        "../../training/data/reference_checkpoint.json",
     ):
         assert (data / name).is_file(), name
